@@ -1,0 +1,65 @@
+//! The shared state handed to every request handler and background task.
+//!
+//! `App` is a small, cheap-to-clone handle: configuration, store, our signing key and
+//! the federation services. It holds no logic of its own, and nothing in it is global.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::federation::client::FederationClient;
+use crate::federation::inbound::InFlight;
+use crate::federation::keys::RemoteKeys;
+use crate::federation::sender::{Sender, SenderConfig};
+use crate::notify::Notifier;
+use crate::signing::SigningKey;
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct App(Arc<AppInner>);
+
+pub struct AppInner {
+    pub config: Config,
+    pub store: Store,
+    pub key: Arc<SigningKey>,
+    pub federation: Arc<FederationClient>,
+    pub remote_keys: RemoteKeys,
+    pub sender: Sender,
+    pub notifier: Notifier,
+    /// Origins with a transaction being processed.
+    pub inbound_inflight: InFlight,
+}
+
+impl App {
+    pub fn new(config: Config, store: Store, key: SigningKey) -> Result<App, reqwest::Error> {
+        let key = Arc::new(key);
+        let federation = Arc::new(FederationClient::new(
+            config.server_name.clone(),
+            key.clone(),
+            &config.federation,
+        )?);
+        let remote_keys = RemoteKeys::new(store.clone(), federation.clone());
+        let sender = Sender::new(
+            store.clone(),
+            federation.clone(),
+            SenderConfig::from_config(&config.federation),
+        );
+        Ok(App(Arc::new(AppInner {
+            config,
+            store,
+            key,
+            federation,
+            remote_keys,
+            sender,
+            notifier: Notifier::default(),
+            inbound_inflight: InFlight::default(),
+        })))
+    }
+}
+
+impl Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}

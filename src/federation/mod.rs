@@ -1,0 +1,16 @@
+//! Everything courier says to, and hears from, other Matrix servers.
+//!
+//! - [`discovery`]: server name -> address and TLS name, with the SSRF guard.
+//! - [`client`]: the signed outbound HTTP client.
+//! - [`keys`]: our published keys and the cache of other servers' keys.
+//! - [`routes`]: the federation HTTP endpoints courier serves.
+
+pub mod auth;
+pub mod client;
+pub mod discovery;
+pub mod edu;
+pub mod inbound;
+pub mod keys;
+pub mod retry;
+pub mod sender;
+pub mod routes;

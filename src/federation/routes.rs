@@ -1,0 +1,181 @@
+//! The federation HTTP surface: `/_matrix/key/v2/server`, `/_matrix/federation/v1/*`.
+//!
+//! Owns request parsing and response shapes for server-server endpoints. It decides
+//! nothing about storage or delivery itself: it authenticates (`auth`), validates and
+//! calls the module that owns the work (`inbound`, `keys`, the store's accounts).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde_json::{Map, Value, json};
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::federation::auth::authenticate;
+use crate::federation::inbound;
+use crate::federation::keys::our_server_keys;
+use crate::store::now_ms;
+
+/// Most PDUs and EDUs one transaction may carry (the spec's limits).
+const MAX_PDUS: usize = 50;
+const MAX_EDUS: usize = 100;
+
+/// Routes mounted on listeners with the `federation` resource.
+pub fn router() -> Router<App> {
+    Router::new()
+        .route("/_matrix/key/v2/server", get(server_keys))
+        .route("/_matrix/federation/v1/version", get(version))
+        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
+        .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
+        .route("/_matrix/federation/v1/user/keys/query", post(keys_query))
+}
+
+async fn server_keys(State(app): State<App>) -> Json<Value> {
+    let validity = app.config.federation.key_validity.as_millis() as u64;
+    Json(our_server_keys(
+        app.config.server_name.as_str(),
+        &app.key,
+        now_ms() + validity,
+    ))
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({"server": {"name": "courier", "version": env!("CARGO_PKG_VERSION")}}))
+}
+
+/// Parses a JSON body, mapping failures to the Matrix codes.
+fn json_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))
+}
+
+/// `PUT /_matrix/federation/v1/send/{txnId}`.
+async fn send(
+    State(app): State<App>,
+    Path(txn_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("transaction too large")
+        } else {
+            ApiError::bad_json(r.body_text())
+        }
+    })?;
+    let content = json_body(&body)?;
+    let origin = authenticate(&app, &method, &uri, &headers, Some(&content)).await?;
+    let obj = content
+        .as_object()
+        .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
+    if obj.get("origin").and_then(Value::as_str) != Some(origin.as_str()) {
+        return Err(ApiError::forbidden("transaction origin does not match the signing server"));
+    }
+    let empty = Vec::new();
+    let list = |field: &str| -> Result<&Vec<Value>, ApiError> {
+        match obj.get(field) {
+            None => Ok(&empty),
+            Some(Value::Array(a)) => Ok(a),
+            Some(_) => Err(ApiError::bad_json(format!("`{field}` is not an array"))),
+        }
+    };
+    let pdus = list("pdus")?;
+    let edus = list("edus")?;
+    if pdus.len() > MAX_PDUS || edus.len() > MAX_EDUS {
+        return Err(ApiError::bad_json(format!(
+            "too many PDUs ({}) or EDUs ({}): at most {MAX_PDUS} and {MAX_EDUS}",
+            pdus.len(),
+            edus.len()
+        )));
+    }
+    let _guard = app.inbound_inflight.enter(origin.as_str()).ok_or_else(|| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "M_UNKNOWN", "too many concurrent transactions")
+    })?;
+    match inbound::accept(&app.store, app.config.server_name.as_str(), origin.as_str(), &txn_id, edus).await? {
+        None => tracing::debug!(origin = %origin, txn = %txn_id, "repeated transaction; already processed"),
+        Some(acc) => {
+            for (user, device) in &acc.woken {
+                app.notifier.wake_device(user, device);
+            }
+            tracing::debug!(
+                origin = %origin, txn = %txn_id, delivered = acc.delivered,
+                duplicates = acc.duplicate_edus, dropped = acc.dropped_edus,
+                "transaction accepted"
+            );
+        }
+    }
+    Ok(Json(json!({"pdus": pdu_results(pdus)})))
+}
+
+/// courier keeps no rooms: every PDU is answered with an error, none is stored.
+fn pdu_results(pdus: &[Value]) -> Map<String, Value> {
+    let mut out = Map::new();
+    for pdu in pdus {
+        if let Some(id) = pdu.get("event_id").and_then(Value::as_str) {
+            out.insert(
+                id.to_owned(),
+                json!({"error": "courier relays to-device EDUs only; PDUs are not accepted"}),
+            );
+        }
+    }
+    if !pdus.is_empty() {
+        tracing::info!(pdus = pdus.len(), "ignored PDUs in a transaction");
+        metrics::counter!("courier_inbound_pdus_ignored_total").increment(pdus.len() as u64);
+    }
+    out
+}
+
+/// Checks that `user_id` is a user of ours.
+fn local_user(app: &App, user_id: &str) -> Result<(), ApiError> {
+    let uid = crate::ids::UserId::parse(user_id).map_err(|e| ApiError::invalid_param(e.to_string()))?;
+    if uid.server_name() != app.config.server_name.as_str() {
+        return Err(ApiError::forbidden("not a user of this server"));
+    }
+    Ok(())
+}
+
+/// `GET /_matrix/federation/v1/user/devices/{userId}`: our user's device list.
+async fn user_devices(
+    State(app): State<App>,
+    Path(user_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&app, &method, &uri, &headers, None).await?;
+    local_user(&app, &user_id)?;
+    let devices: Vec<Value> = app
+        .store
+        .device_ids(&user_id)?
+        .into_iter()
+        .map(|d| json!({"device_id": d}))
+        .collect();
+    Ok(Json(json!({"user_id": user_id, "stream_id": 0, "devices": devices})))
+}
+
+/// `POST /_matrix/federation/v1/user/keys/query`: courier holds no E2E keys, so
+/// every queried user of ours maps to an empty device-key map.
+async fn keys_query(
+    State(app): State<App>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let content = json_body(&body)?;
+    authenticate(&app, &method, &uri, &headers, Some(&content)).await?;
+    let wanted = content
+        .get("device_keys")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ApiError::bad_json("`device_keys` missing"))?;
+    let mut device_keys = Map::new();
+    for user in wanted.keys() {
+        if local_user(&app, user).is_ok() {
+            device_keys.insert(user.clone(), json!({}));
+        }
+    }
+    Ok(Json(json!({"device_keys": device_keys})))
+}

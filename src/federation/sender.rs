@@ -1,0 +1,406 @@
+//! Outbound delivery: drains each destination's queue, one transaction at a time.
+//!
+//! Owns the per-destination delivery loop and the timers that resume backed-off
+//! destinations. Invariants:
+//! - at most one transaction in flight per destination (the spec's ordering rule); a
+//!   retry reuses the same txnId and the same EDUs (the in-flight record in the store
+//!   names them), a new transaction gets a fresh txnId;
+//! - EDUs leave the queue only on the destination's 200 (one range delete) or by being
+//!   parked after a definitive refusal of that EDU alone; never by age or at start-up;
+//! - a destination with no work costs no task and no connection: its task exits when
+//!   the queue is empty or when it must back off, and one scheduler task holds the
+//!   timers of every backed-off destination;
+//! - the backoff state lives in the store, so a restart neither forgets a dead server
+//!   nor hammers it; an authenticated request from a server resets its backoff.
+//!
+//! It never touches device inboxes or HTTP routing.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngExt;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::federation::client::FederationClient;
+use crate::federation::retry::{Outcome, Policy, classify};
+use crate::ids::ServerName;
+use crate::store::outbox::{DestState, Inflight, QueuedEdu};
+use crate::store::{Batch, Store, StoreError, now_ms};
+
+/// EDUs in one transaction: the spec's maximum.
+pub const MAX_EDUS_PER_TXN: usize = 100;
+/// Spread of start-up wake-ups, per destination.
+const STARTUP_STAGGER: Duration = Duration::from_millis(20);
+
+/// Settings of the delivery machinery.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub policy: Policy,
+    pub max_transaction_bytes: usize,
+    /// Transactions in flight at once over all destinations.
+    pub max_concurrent: usize,
+}
+
+impl SenderConfig {
+    pub fn from_config(f: &crate::config::Federation) -> SenderConfig {
+        SenderConfig {
+            policy: Policy {
+                initial: f.backoff_initial,
+                multiplier: f.backoff_multiplier,
+                max: f.backoff_max,
+            },
+            max_transaction_bytes: f.max_transaction_bytes,
+            max_concurrent: 256,
+        }
+    }
+}
+
+/// Handle to the delivery machinery; cheap to clone.
+#[derive(Clone)]
+pub struct Sender {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    client: Arc<FederationClient>,
+    config: SenderConfig,
+    /// Destinations with a running task; the flag says "look again before exiting".
+    active: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Destinations known to be backing off (saves a store read per inbound request).
+    backing_off: Mutex<HashSet<String>>,
+    timers: mpsc::UnboundedSender<(Instant, String)>,
+    timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(Instant, String)>>>,
+    permits: Semaphore,
+}
+
+impl Sender {
+    pub fn new(store: Store, client: Arc<FederationClient>, config: SenderConfig) -> Sender {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Sender {
+            inner: Arc::new(Inner {
+                store,
+                client,
+                permits: Semaphore::new(config.max_concurrent),
+                config,
+                active: Mutex::default(),
+                backing_off: Mutex::default(),
+                timers: tx,
+                timer_rx: Mutex::new(Some(rx)),
+            }),
+        }
+    }
+
+    /// Starts the timer task and resumes every destination with queued EDUs, with
+    /// staggered wake-ups. Call once, inside the runtime.
+    pub fn start(&self) -> Result<(), StoreError> {
+        if let Some(rx) = self.inner.timer_rx.lock().expect("timer_rx").take() {
+            tokio::spawn(run_timers(self.clone(), rx));
+        }
+        let dests = self.inner.store.destinations_with_work()?;
+        if !dests.is_empty() {
+            tracing::info!(destinations = dests.len(), "resuming delivery of queued EDUs");
+        }
+        let now = Instant::now();
+        for (i, dest) in dests.into_iter().enumerate() {
+            let st = self.inner.store.dest_state(&dest)?;
+            if st.failures > 0 {
+                self.inner.backing_off.lock().expect("backing_off").insert(dest.clone());
+            }
+            let _ = self.inner.timers.send((now + STARTUP_STAGGER * i as u32, dest));
+        }
+        Ok(())
+    }
+
+    /// `dest` has new EDUs queued (call after the commit). Starts its delivery task
+    /// unless one runs; a destination that is backing off stays backing off.
+    pub fn wake(&self, dest: &str) {
+        let mut active = self.inner.active.lock().expect("active");
+        if let Some(flag) = active.get(dest) {
+            flag.store(true, Ordering::SeqCst);
+            return;
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        active.insert(dest.to_owned(), flag.clone());
+        drop(active);
+        let this = self.clone();
+        let dest = dest.to_owned();
+        tokio::spawn(async move { this.deliver_loop(dest, flag).await });
+    }
+
+    /// An authenticated request came from `dest`: it is evidently up. Resets its
+    /// backoff and wakes its queue.
+    pub fn peer_is_up(&self, dest: &str) {
+        if !self.inner.backing_off.lock().expect("backing_off").remove(dest) {
+            return;
+        }
+        let store = &self.inner.store;
+        match store.dest_state(dest) {
+            Ok(mut st) if st.failures > 0 || st.next_attempt_ts > 0 => {
+                tracing::info!(destination = dest, failures = st.failures, "destination is back: backoff reset");
+                st.failures = 0;
+                st.next_attempt_ts = 0;
+                let mut b = Batch::new();
+                store.put_dest_state(&mut b, dest, &st);
+                if let Err(e) = store.commit_unsynced(b) {
+                    tracing::warn!(destination = dest, error = %e, "cannot reset backoff");
+                }
+                metrics::counter!("courier_backoff_resets_total").increment(1);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(destination = dest, error = %e, "cannot read destination state"),
+        }
+        self.wake(dest);
+    }
+
+    /// Delivers `dest`'s queue until it is empty or the destination fails.
+    async fn deliver_loop(self, dest: String, again: Arc<AtomicBool>) {
+        let mut max_edus = MAX_EDUS_PER_TXN;
+        loop {
+            let step = match ServerName::parse(&dest) {
+                Ok(name) => self.step(&dest, &name, &mut max_edus).await,
+                Err(_) => Err(StepError::Fatal(format!("{dest} is not a server name"))),
+            };
+            match step {
+                Ok(Step::Sent) => continue,
+                Ok(Step::Idle) => {}
+                Ok(Step::BackOff(at)) => {
+                    let _ = self.inner.timers.send((at, dest.clone()));
+                }
+                Err(StepError::Store(e)) => {
+                    tracing::error!(destination = %dest, error = %e, "store error in delivery; retrying in 5s");
+                    let _ = self.inner.timers.send((Instant::now() + Duration::from_secs(5), dest.clone()));
+                }
+                Err(StepError::Fatal(e)) => {
+                    tracing::error!(destination = %dest, error = %e, "cannot deliver to this destination");
+                }
+            }
+            // Exit unless someone woke us meanwhile (checked under the lock wake() takes).
+            let mut active = self.inner.active.lock().expect("active");
+            if again.swap(false, Ordering::SeqCst) {
+                continue;
+            }
+            active.remove(&dest);
+            return;
+        }
+    }
+
+    /// One attempt: build (or rebuild) the transaction, send it, act on the answer.
+    async fn step(&self, dest: &str, name: &ServerName, max_edus: &mut usize) -> Result<Step, StepError> {
+        let store = &self.inner.store;
+        let mut st = store.dest_state(dest)?;
+        let now = now_ms();
+        if st.next_attempt_ts > now {
+            self.inner.backing_off.lock().expect("backing_off").insert(dest.to_owned());
+            return Ok(Step::BackOff(
+                Instant::now() + Duration::from_millis(st.next_attempt_ts - now),
+            ));
+        }
+        // The transaction: the in-flight one again, or a fresh head of the queue.
+        let (inflight, edus) = match st.inflight.clone() {
+            Some(inf) => {
+                let edus = store.outbox_head(dest, usize::MAX, usize::MAX, Some(inf.last_seq))?;
+                if edus.is_empty() {
+                    st.inflight = None;
+                    continue_fresh(store, dest, &mut st, *max_edus, self.inner.config.max_transaction_bytes)?
+                } else {
+                    (inf, edus)
+                }
+            }
+            None => continue_fresh(store, dest, &mut st, *max_edus, self.inner.config.max_transaction_bytes)?,
+        };
+        if edus.is_empty() {
+            if st.inflight.is_some() || st.failures > 0 {
+                st.inflight = None;
+                let mut b = Batch::new();
+                store.put_dest_state(&mut b, dest, &st);
+                store.commit_unsynced(b)?;
+            }
+            return Ok(Step::Idle);
+        }
+        let edu_values: Vec<Value> = edus
+            .iter()
+            .map(|e| serde_json::from_slice(&e.edu).unwrap_or(Value::Null))
+            .collect();
+        let body = json!({
+            "origin": self.inner.client.origin().as_str(),
+            "origin_server_ts": inflight.origin_server_ts,
+            "pdus": [],
+            "edus": edu_values,
+        });
+        let path = format!(
+            "/_matrix/federation/v1/send/{}",
+            percent_encoding::utf8_percent_encode(&inflight.txn_id, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let _permit = self.inner.permits.acquire().await.map_err(|e| StepError::Fatal(e.to_string()))?;
+        let reply = self
+            .inner
+            .client
+            .request(name, reqwest::Method::PUT, &path, Some(&body))
+            .await;
+        drop(_permit);
+        let (status, detail, retry_after) = match &reply {
+            Ok(r) => (
+                Some(r.status.as_u16()),
+                String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).into_owned(),
+                None::<Duration>,
+            ),
+            Err(e) => (None, e.to_string(), None),
+        };
+        match classify(status) {
+            Outcome::Delivered => {
+                let mut b = Batch::new();
+                store.outbox_ack(&mut b, dest, inflight.last_seq);
+                st.inflight = None;
+                st.failures = 0;
+                st.next_attempt_ts = 0;
+                st.last_error = None;
+                store.put_dest_state(&mut b, dest, &st);
+                store.commit_unsynced(b)?;
+                self.inner.backing_off.lock().expect("backing_off").remove(dest);
+                *max_edus = MAX_EDUS_PER_TXN;
+                metrics::counter!("courier_transactions_sent_total").increment(1);
+                metrics::counter!("courier_edus_sent_total").increment(edus.len() as u64);
+                tracing::debug!(destination = dest, txn = %inflight.txn_id, edus = edus.len(), "transaction delivered");
+                Ok(Step::Sent)
+            }
+            Outcome::Retry => {
+                st.failures = st.failures.saturating_add(1);
+                let jitter: f64 = rand::rng().random_range(0.0..1.0);
+                let mut delay = self.inner.config.policy.delay(st.failures, jitter);
+                if let Some(ra) = retry_after {
+                    delay = delay.max(ra.min(self.inner.config.policy.max));
+                }
+                st.next_attempt_ts = now_ms() + delay.as_millis() as u64;
+                let why = match status {
+                    Some(s) => format!("HTTP {s}: {detail}"),
+                    None => detail,
+                };
+                st.last_error = Some(why.clone());
+                let mut b = Batch::new();
+                store.put_dest_state(&mut b, dest, &st);
+                store.commit_unsynced(b)?;
+                self.inner.backing_off.lock().expect("backing_off").insert(dest.to_owned());
+                metrics::counter!("courier_transaction_failures_total").increment(1);
+                tracing::warn!(
+                    destination = dest,
+                    txn = %inflight.txn_id,
+                    failures = st.failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %why,
+                    "delivery failed; backing off"
+                );
+                Ok(Step::BackOff(Instant::now() + delay))
+            }
+            Outcome::Refused => {
+                let why = format!("HTTP {}: {detail}", status.unwrap_or(0));
+                let mut b = Batch::new();
+                st.inflight = None;
+                if edus.len() > 1 {
+                    *max_edus = (edus.len() / 2).max(1);
+                    tracing::warn!(destination = dest, edus = edus.len(), error = %why, "transaction refused; splitting it");
+                    metrics::counter!("courier_transactions_split_total").increment(1);
+                } else {
+                    store.outbox_park(&mut b, dest, &edus[0], &why);
+                    tracing::warn!(destination = dest, seq = edus[0].seq, error = %why, "EDU refused by the destination; parked");
+                    metrics::counter!("courier_edus_parked_total").increment(1);
+                    *max_edus = MAX_EDUS_PER_TXN;
+                }
+                store.put_dest_state(&mut b, dest, &st);
+                store.commit_unsynced(b)?;
+                Ok(Step::Sent)
+            }
+        }
+    }
+}
+
+/// Forms a fresh transaction from the queue head and records it as in flight.
+fn continue_fresh(
+    store: &Store,
+    dest: &str,
+    st: &mut DestState,
+    max_edus: usize,
+    max_bytes: usize,
+) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
+    let edus = store.outbox_head(dest, max_edus, max_bytes, None)?;
+    let Some(last) = edus.last() else {
+        return Ok((
+            Inflight {
+                txn_id: String::new(),
+                last_seq: 0,
+                edu_count: 0,
+                origin_server_ts: 0,
+            },
+            edus,
+        ));
+    };
+    st.txn_counter += 1;
+    let now = now_ms();
+    let inflight = Inflight {
+        // Unique per destination across restarts: the counter is persisted with it,
+        // and the time prefix covers a store that was wiped.
+        txn_id: format!("{now}{}", st.txn_counter),
+        last_seq: last.seq,
+        edu_count: edus.len(),
+        origin_server_ts: now,
+    };
+    st.inflight = Some(inflight.clone());
+    let mut b = Batch::new();
+    store.put_dest_state(&mut b, dest, st);
+    store.commit_unsynced(b)?;
+    Ok((inflight, edus))
+}
+
+enum Step {
+    /// A transaction was answered; look at the queue again.
+    Sent,
+    /// Nothing to send.
+    Idle,
+    /// Try again at this instant.
+    BackOff(Instant),
+}
+
+enum StepError {
+    Store(StoreError),
+    Fatal(String),
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> Self {
+        StepError::Store(e)
+    }
+}
+
+/// The one task that holds every pending wake-up (backoff timers, staggered start).
+async fn run_timers(sender: Sender, mut rx: mpsc::UnboundedReceiver<(Instant, String)>) {
+    let mut heap: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+    loop {
+        let next = heap.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(entry) => heap.push(Reverse(entry)),
+                None => return,
+            },
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = Instant::now();
+                while let Some(Reverse((at, _))) = heap.peek() {
+                    if *at > now {
+                        break;
+                    }
+                    let Reverse((_, dest)) = heap.pop().expect("peeked");
+                    sender.wake(&dest);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Starting and stopping courier: open what it owns, bind its listeners, drain on stop.
+//!
+//! Owns the start-up order (signing key, TLS material, store, app, listeners) and
+//! graceful shutdown: on the shutdown signal listeners stop accepting, in-flight
+//! requests get a bounded time to finish, then the process exits. It never handles a
+//! request itself.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::any;
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+
+use crate::app::App;
+use crate::config::{Config, Resource};
+use crate::signing::{self, SigningKey};
+use crate::store::{Store, StoreOptions};
+
+/// How long in-flight requests may run after the shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Loads the signing key at `config.signing_key`, generating it on first start.
+pub fn load_or_generate_key(config: &Config) -> anyhow::Result<SigningKey> {
+    let path = &config.signing_key;
+    if path.exists() {
+        return signing::keyfile::read(path).with_context(|| format!("reading signing key {}", path.display()));
+    }
+    let key = SigningKey::generate(&signing::keyfile::new_key_version())?;
+    signing::keyfile::write_new(path, &key)
+        .with_context(|| format!("writing signing key {}", path.display()))?;
+    tracing::info!(path = %path.display(), key_id = %key.key_id(), "generated a new signing key");
+    Ok(key)
+}
+
+/// Opens everything and returns the app, ready to serve.
+pub fn open(config: Config) -> anyhow::Result<App> {
+    crate::tls::install_crypto_provider();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let key = load_or_generate_key(&config)?;
+    let store = Store::open(
+        &config.data_dir.join("db"),
+        &StoreOptions {
+            dedupe_ttl: config.federation.dedupe_ttl,
+        },
+    )
+    .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let app = App::new(config, store, key).context("building the federation client")?;
+    Ok(app)
+}
+
+/// The router of one listener.
+pub fn router(app: &App, resources: &[Resource]) -> Router {
+    let mut r: Router<App> = Router::new();
+    for res in resources {
+        r = match res {
+            Resource::Federation => r
+                .merge(
+                crate::federation::routes::router()
+                    .layer(DefaultBodyLimit::max(app.config.federation.max_request_bytes)),
+            ),
+            Resource::Client => r.merge(crate::client::router()),
+            Resource::Admin => r.merge(crate::client::admin::router()),
+        };
+    }
+    r.route("/_matrix/{*rest}", any(crate::error::unrecognized))
+        .with_state(app.clone())
+}
+
+/// Serves every configured listener until `shutdown` completes.
+pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let handle: Handle<SocketAddr> = Handle::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in &app.config.listeners {
+        let router = router(&app, &listener.resources);
+        let addr = listener.address;
+        let service = router.into_make_service();
+        if listener.tls {
+            let (cert, key) = crate::tls::cert_paths(&app.config, listener);
+            if listener.tls_cert.is_none() {
+                let names = vec![
+                    app.config.server_name.host().trim_matches(['[', ']']).to_owned(),
+                    "localhost".to_owned(),
+                    "127.0.0.1".to_owned(),
+                ];
+                if crate::tls::ensure_self_signed(&app.config.data_dir, &names)? {
+                    tracing::warn!(cert = %cert.display(), "generated a self-signed TLS certificate; peers must be told to accept it");
+                }
+            }
+            let tls = RustlsConfig::from_config(crate::tls::server_config(&cert, &key)?);
+            let std_listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding {addr}"))?;
+            std_listener.set_nonblocking(true)?;
+            tracing::info!(%addr, tls = true, resources = ?listener.resources, "listening");
+            let server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
+            tasks.spawn(async move { server.serve(service).await });
+        } else {
+            let std_listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding {addr}"))?;
+            std_listener.set_nonblocking(true)?;
+            tracing::info!(%addr, tls = false, resources = ?listener.resources, "listening");
+            let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
+            tasks.spawn(async move { server.serve(service).await });
+        }
+    }
+    app.sender.start()?;
+    tokio::spawn(crate::client::housekeeping::run(app.clone()));
+    tracing::info!(server_name = %app.config.server_name, "courier is up");
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down: no new connections, draining in-flight requests");
+            handle.graceful_shutdown(Some(DRAIN));
+        }
+        res = tasks.join_next() => {
+            if let Some(Ok(Err(e))) = res {
+                return Err(e).context("a listener failed");
+            }
+        }
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Ok(Err(e)) = res {
+            tracing::warn!(error = %e, "listener ended with an error");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,230 @@
+//! Device inboxes: the to-device messages waiting for a local device's `/sync`.
+//!
+//! Key layout:
+//! - `inbox`:       `user_id \0 device_id \0 seq(be64)` -> event JSON `{sender,type,content}`
+//! - `inbox_state`: `user_id \0 device_id` -> JSON [`InboxState`]
+//!
+//! `seq` is numbered by [`Store::append`], so a device's messages sort in arrival
+//! order and a sync token is just the last `seq` served. Acknowledging up to `T` is
+//! one range delete of `[0, T]` plus a remembered low-water mark (`acked`), so a later
+//! read seeks straight past the deleted range instead of walking its tombstones.
+//! Housekeeping may also cut an inbox from below ([`Store::inbox_trim`]): the same
+//! range delete and low-water mark, without counting as a sync.
+//! Nothing here decides when to acknowledge or trim: `/sync` and housekeeping do.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, Store, StoreError, cf, key, now_ms, prefix_end};
+
+/// Per-device bookkeeping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxState {
+    /// Everything at or below this position has been acknowledged and deleted.
+    pub acked: u64,
+    /// When the device last synced (ms).
+    pub last_sync_ts: Option<u64>,
+}
+
+fn device_prefix(user: &str, device: &str) -> Vec<u8> {
+    key(&[user.as_bytes(), device.as_bytes(), b""])
+}
+
+pub(crate) fn entry_key(user: &str, device: &str, seq: u64) -> Vec<u8> {
+    let mut k = device_prefix(user, device);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Test-only: production rows are numbered by [`Store::append`]'s writer.
+    #[cfg(test)]
+    /// Adds a message to a device inbox at position `seq` (in `b`).
+    pub(crate) fn inbox_push(&self, b: &mut Batch, user: &str, device: &str, seq: u64, event: &[u8]) {
+        b.0.put_cf(self.cf(cf::INBOX), entry_key(user, device, seq), event);
+    }
+
+    /// Up to `limit` messages after position `after`, oldest first.
+    pub fn inbox_page(
+        &self,
+        user: &str,
+        device: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let state = self.inbox_state(user, device)?;
+        let from = after.max(state.acked).saturating_add(1);
+        let prefix = device_prefix(user, device);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(prefix_end(&prefix));
+        let start = entry_key(user, device, from);
+        let iter = self.db().iterator_cf_opt(
+            self.cf(cf::INBOX),
+            opts,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
+                cf: cf::INBOX,
+                detail: "short key".into(),
+            })?;
+            out.push((seq, v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Number of messages pending for a device (walks them: admin and tests only).
+    pub fn inbox_len(&self, user: &str, device: &str) -> Result<usize, StoreError> {
+        Ok(self.scan(cf::INBOX, &device_prefix(user, device)).count())
+    }
+
+    /// Acknowledges everything up to and including `upto` (in `b`).
+    pub fn inbox_ack(&self, b: &mut Batch, user: &str, device: &str, upto: u64) -> Result<(), StoreError> {
+        let mut state = self.inbox_state(user, device)?;
+        if upto > state.acked {
+            b.0.delete_range_cf(
+                self.cf(cf::INBOX),
+                entry_key(user, device, 0),
+                entry_key(user, device, upto.saturating_add(1)),
+            );
+            state.acked = upto;
+        }
+        state.last_sync_ts = Some(now_ms());
+        b.0.put_cf(
+            self.cf(cf::INBOX_STATE),
+            key(&[user.as_bytes(), device.as_bytes()]),
+            serde_json::to_vec(&state).expect("serializes"),
+        );
+        Ok(())
+    }
+
+    pub fn inbox_state(&self, user: &str, device: &str) -> Result<InboxState, StoreError> {
+        let k = key(&[user.as_bytes(), device.as_bytes()]);
+        match self.db().get_pinned_cf(self.cf(cf::INBOX_STATE), k)? {
+            None => Ok(InboxState::default()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: cf::INBOX_STATE,
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Drops the oldest pending messages of a device so that at most `keep` remain (in
+    /// `b`); returns how many it drops. The cut is one range delete plus a raised
+    /// low-water mark, like an acknowledgement, but it is not one: `last_sync_ts` is
+    /// left as it was. Walks the device's pending keys (never their values) from the
+    /// newest down: housekeeping only, never on a request path.
+    pub fn inbox_trim(&self, b: &mut Batch, user: &str, device: &str, keep: u64) -> Result<u64, StoreError> {
+        let mut state = self.inbox_state(user, device)?;
+        let prefix = device_prefix(user, device);
+        let end = prefix_end(&prefix);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(entry_key(user, device, state.acked.saturating_add(1)));
+        opts.set_iterate_upper_bound(end.clone());
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(cf::INBOX), opts);
+        it.seek_for_prev(&end);
+        let mut pending = 0u64;
+        let mut cut = None;
+        while let Some(k) = it.key() {
+            pending += 1;
+            if pending == keep.saturating_add(1) {
+                cut = Some(super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
+                    cf: cf::INBOX,
+                    detail: "short key".into(),
+                })?);
+            }
+            it.prev();
+        }
+        it.status()?;
+        let Some(cut) = cut else {
+            return Ok(0);
+        };
+        b.0.delete_range_cf(
+            self.cf(cf::INBOX),
+            entry_key(user, device, 0),
+            entry_key(user, device, cut.saturating_add(1)),
+        );
+        state.acked = state.acked.max(cut);
+        b.0.put_cf(
+            self.cf(cf::INBOX_STATE),
+            key(&[user.as_bytes(), device.as_bytes()]),
+            serde_json::to_vec(&state).expect("serializes"),
+        );
+        Ok(pending - keep)
+    }
+
+    /// Deletes a device's whole inbox and its bookkeeping (in `b`).
+    pub fn inbox_delete_all(&self, b: &mut Batch, user: &str, device: &str) {
+        let prefix = device_prefix(user, device);
+        b.0.delete_range_cf(self.cf(cf::INBOX), prefix.clone(), prefix_end(&prefix));
+        b.0.delete_cf(self.cf(cf::INBOX_STATE), key(&[user.as_bytes(), device.as_bytes()]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Batch, temp_store};
+
+    #[tokio::test]
+    async fn page_ack_and_low_water_mark() {
+        let (_d, s) = temp_store();
+        let mut b = Batch::new();
+        for i in 1..=5u64 {
+            s.inbox_push(&mut b, "@a:x", "D", i * 10, format!("m{i}").as_bytes());
+        }
+        s.inbox_push(&mut b, "@a:x", "D2", 15, b"other device");
+        s.commit(b).await.unwrap();
+        let page = s.inbox_page("@a:x", "D", 0, 3).unwrap();
+        assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20, 30]);
+        let page = s.inbox_page("@a:x", "D", 30, 100).unwrap();
+        assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![40, 50]);
+        let mut b = Batch::new();
+        s.inbox_ack(&mut b, "@a:x", "D", 30).unwrap();
+        s.commit(b).await.unwrap();
+        // Even an older token no longer sees acknowledged messages.
+        let page = s.inbox_page("@a:x", "D", 0, 100).unwrap();
+        assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![40, 50]);
+        assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 2);
+        assert_eq!(s.inbox_len("@a:x", "D2").unwrap(), 1, "other devices untouched");
+        assert_eq!(s.inbox_state("@a:x", "D").unwrap().acked, 30);
+        let mut b = Batch::new();
+        s.inbox_delete_all(&mut b, "@a:x", "D");
+        s.commit(b).await.unwrap();
+        assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 0);
+        assert_eq!(s.inbox_len("@a:x", "D2").unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn trim_keeps_the_newest_and_is_not_a_sync() {
+        let (_d, s) = temp_store();
+        let mut b = Batch::new();
+        for i in 1..=6u64 {
+            s.inbox_push(&mut b, "@a:x", "D", i, b"m");
+        }
+        s.inbox_push(&mut b, "@a:x", "D2", 3, b"other device");
+        s.commit(b).await.unwrap();
+        let mut b = Batch::new();
+        s.inbox_ack(&mut b, "@a:x", "D", 1).unwrap();
+        s.commit(b).await.unwrap();
+        let synced = s.inbox_state("@a:x", "D").unwrap().last_sync_ts;
+
+        let mut b = Batch::new();
+        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 10).unwrap(), 0, "under the bound");
+        assert!(b.is_empty(), "nothing to write when nothing is dropped");
+        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 3).unwrap(), 2, "5 pending, keep 3");
+        s.commit(b).await.unwrap();
+        let page = s.inbox_page("@a:x", "D", 0, 100).unwrap();
+        assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![4, 5, 6]);
+        let st = s.inbox_state("@a:x", "D").unwrap();
+        assert_eq!((st.acked, st.last_sync_ts), (3, synced));
+
+        let mut b = Batch::new();
+        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 0).unwrap(), 3, "purge");
+        s.commit(b).await.unwrap();
+        assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 0);
+        assert_eq!(s.inbox_len("@a:x", "D2").unwrap(), 1, "other devices untouched");
+        let mut b = Batch::new();
+        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 0).unwrap(), 0, "empty inbox");
+    }
+}

@@ -1,0 +1,465 @@
+//! The durable state of courier: one RocksDB database, one column family per concept.
+//!
+//! Owns every byte on disk. It is the only module that imports `rocksdb`; the rest of
+//! courier sees typed operations (`store::inbox`, `store::outbox`, ...), never keys.
+//! Each mutating operation is one `WriteBatch`; those that accept work from a peer
+//! (a client's send, a federation transaction) are written with `sync = true` before
+//! they return, so an `Ok` means "on disk". Concurrent synced writes from the blocking
+//! pool are grouped by RocksDB into one WAL write and one fsync (its write-group
+//! leader), which is courier's group commit.
+//!
+//! It must never call back into HTTP, federation or notification code: callers pass in
+//! everything (times, ids) and wake whoever needs waking after a commit.
+//!
+//! The key layout of every column family is documented in ARCHITECTURE.md and next to
+//! each module's encoder.
+
+pub mod accounts;
+pub mod dedupe;
+pub mod inbox;
+pub mod keys;
+pub mod outbox;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+
+/// Column families, named for what they hold.
+pub mod cf {
+    /// Small counters (`seq_reserved`).
+    pub const META: &str = "meta";
+    /// Remote servers' verify keys: `server \0 key_id` -> JSON.
+    pub const SERVER_KEYS: &str = "server_keys";
+    /// Local users: `user_id` -> JSON.
+    pub const USERS: &str = "users";
+    /// Local devices: `user_id \0 device_id` -> JSON.
+    pub const DEVICES: &str = "devices";
+    /// Access tokens: `sha256(token)` -> `user_id \0 device_id`.
+    pub const TOKENS: &str = "tokens";
+    /// Device inboxes: `user_id \0 device_id \0 seq(be64)` -> to-device event JSON.
+    pub const INBOX: &str = "inbox";
+    /// Per-device inbox bookkeeping: `user_id \0 device_id` -> JSON.
+    pub const INBOX_STATE: &str = "inbox_state";
+    /// Outbound EDUs: `destination \0 seq(be64)` -> EDU JSON.
+    pub const OUTBOX: &str = "outbox";
+    /// Per-destination delivery state (backoff, in-flight txn): `destination` -> JSON.
+    pub const DESTINATIONS: &str = "destinations";
+    /// EDUs a destination refused for good: `destination \0 seq(be64)` -> JSON.
+    pub const PARKED: &str = "parked";
+    /// Inbound `(origin, txnId)` seen: `origin \0 txn_id` -> ts(be64).
+    pub const INBOUND_TXNS: &str = "inbound_txns";
+    /// Inbound `(origin, message_id)` seen: `origin \0 message_id` -> ts(be64).
+    pub const MESSAGE_IDS: &str = "message_ids";
+    /// Client `sendToDevice` transactions: `user \0 device \0 type \0 txn` -> ts(be64).
+    pub const CLIENT_TXNS: &str = "client_txns";
+
+    pub const ALL: &[&str] = &[
+        META,
+        SERVER_KEYS,
+        USERS,
+        DEVICES,
+        TOKENS,
+        INBOX,
+        INBOX_STATE,
+        OUTBOX,
+        DESTINATIONS,
+        PARKED,
+        INBOUND_TXNS,
+        MESSAGE_IDS,
+        CLIENT_TXNS,
+    ];
+
+    /// Column families whose values start with a big-endian millisecond timestamp and
+    /// expire after the dedupe TTL (dropped by a compaction filter).
+    pub const EXPIRING: &[&str] = &[INBOUND_TXNS, MESSAGE_IDS, CLIENT_TXNS];
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record in {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// A set of writes applied atomically by [`Store::commit`]; built by the typed
+/// operations of the submodules, so callers never see keys.
+#[derive(Default)]
+pub struct Batch(pub(crate) WriteBatch);
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Options fixed at open.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Age after which dedupe markers may be dropped by compaction.
+    pub dedupe_ttl: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    writer: tokio::sync::mpsc::UnboundedSender<AppendRequest>,
+    /// The highest sequence number whose write is on disk.
+    last_seq: Arc<AtomicU64>,
+}
+
+/// One write that consumes a sequence number (or rides along with those that do),
+/// for [`Store::append`].
+#[derive(Debug, Clone)]
+pub enum Append {
+    /// A to-device event for a local device's inbox.
+    Inbox {
+        user: String,
+        device: String,
+        event: Vec<u8>,
+    },
+    /// An EDU for a destination's queue.
+    Outbox { dest: String, edu: Vec<u8> },
+    /// An idempotency marker guarding the other writes of the same request.
+    Mark {
+        marker: dedupe::Marker,
+        parts: Vec<String>,
+    },
+}
+
+struct AppendRequest {
+    ops: Vec<Append>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Sequence numbers are reserved on disk in blocks, so they grow across restarts
+/// without a write per number.
+const SEQ_BLOCK: u64 = 1 << 20;
+const SEQ_KEY: &[u8] = b"seq_reserved";
+/// Requests merged into one synced write at most.
+const MAX_GROUP: usize = 1024;
+
+impl Store {
+    /// Opens (creating if needed) the database in `path`.
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        db_opts.increase_parallelism(2);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_total_wal_size(256 * 1024 * 1024);
+        let ttl_ms = options.dedupe_ttl.as_millis() as u64;
+        let descriptors = cf::ALL.iter().map(|name| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if cf::EXPIRING.contains(name) {
+                o.set_compaction_filter("expired_markers", move |_level, _key, value| {
+                    match read_ts(value) {
+                        Some(ts) if ts.saturating_add(ttl_ms) < now_ms() => {
+                            rocksdb::compaction_filter::Decision::Remove
+                        }
+                        _ => rocksdb::compaction_filter::Decision::Keep,
+                    }
+                });
+                o.set_periodic_compaction_seconds(24 * 3600);
+            }
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, descriptors)?);
+        let reserved = match db.get_cf(db.cf_handle(cf::META).expect("meta cf"), SEQ_KEY)? {
+            Some(v) => read_u64(&v).ok_or_else(|| StoreError::Corrupt {
+                cf: cf::META,
+                detail: "seq_reserved".into(),
+            })?,
+            None => 0,
+        };
+        // Everything below the old reservation may have been used: start above it.
+        // Position 0 means "nothing yet" in sync tokens and is never handed out.
+        let last_seq = Arc::new(AtomicU64::new(reserved));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = Writer {
+            db: db.clone(),
+            next: reserved + 1,
+            reserved,
+            last_seq: last_seq.clone(),
+        };
+        std::thread::Builder::new()
+            .name("courier-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(Store {
+            db,
+            writer: tx,
+            last_seq,
+        })
+    }
+
+    /// Writes `ops` durably, giving the inbox and outbox rows fresh sequence numbers
+    /// in order. One writer thread takes every waiting request, numbers their rows,
+    /// and writes them in one synced batch (group commit: one fsync for all).
+    ///
+    /// Because numbering and writing happen in one place, a row is never committed
+    /// below a row already visible: a reader that served up to `T` can delete `[0, T]`
+    /// without ever deleting a row it has not seen.
+    pub async fn append(&self, ops: Vec<Append>) -> Result<(), StoreError> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(AppendRequest { ops, done })
+            .map_err(|_| StoreError::Task("writer thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Task("writer thread stopped".into()))?
+    }
+
+    /// The highest sequence number handed out and durable.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family in cf::ALL is opened")
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Writes `batch` durably (fsync) on the blocking pool; concurrent callers share
+    /// one fsync.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        let batch = batch.0;
+        tokio::task::spawn_blocking(move || {
+            let mut opts = WriteOptions::default();
+            opts.set_sync(true);
+            db.write_opt(batch, &opts)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(())
+    }
+
+    /// Writes `batch` to the WAL without waiting for fsync: survives a process crash,
+    /// not a power cut. For bookkeeping whose loss only causes a harmless redo
+    /// (acknowledgements, in-flight markers).
+    pub fn commit_unsynced(&self, batch: Batch) -> Result<(), StoreError> {
+        self.db.write(batch.0)?;
+        Ok(())
+    }
+
+    /// Number of keys in a column family (RocksDB's estimate for big ones; exact
+    /// count when small): for admin views and tests.
+    pub fn count(&self, cf_name: &'static str) -> usize {
+        self.db
+            .iterator_cf(self.cf(cf_name), rocksdb::IteratorMode::Start)
+            .take_while(Result::is_ok)
+            .count()
+    }
+
+    /// Bytes of all SST and WAL files under `path` (for benchmarks).
+    pub fn disk_usage(path: &Path) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(path)
+    }
+}
+
+/// The single thread that numbers and writes appended rows.
+struct Writer {
+    db: Arc<DB>,
+    next: u64,
+    reserved: u64,
+    last_seq: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<AppendRequest>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            let result = self.write_group(&group);
+            for req in group {
+                let _ = req.done.send(match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(StoreError::Task(format!("write failed: {e}"))),
+                });
+            }
+        }
+    }
+
+    fn write_group(&mut self, group: &[AppendRequest]) -> Result<(), rocksdb::Error> {
+        let cf = |name| self.db.cf_handle(name).expect("every cf is opened");
+        let mut b = WriteBatch::default();
+        let mut seq = self.next;
+        for req in group {
+            for op in &req.ops {
+                match op {
+                    Append::Inbox { user, device, event } => {
+                        b.put_cf(cf(cf::INBOX), inbox::entry_key(user, device, seq), event);
+                        seq += 1;
+                    }
+                    Append::Outbox { dest, edu } => {
+                        b.put_cf(cf(cf::OUTBOX), outbox::entry_key(dest, seq), edu);
+                        seq += 1;
+                    }
+                    Append::Mark { marker, parts } => {
+                        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+                        b.put_cf(cf(marker.cf()), key(&parts), now_ms().to_be_bytes());
+                    }
+                }
+            }
+        }
+        let reserved = if seq > self.reserved {
+            let r = seq + SEQ_BLOCK;
+            b.put_cf(cf(cf::META), SEQ_KEY, r.to_be_bytes());
+            r
+        } else {
+            self.reserved
+        };
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(b, &opts)?;
+        self.reserved = reserved;
+        self.next = seq;
+        self.last_seq.store(seq - 1, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Current wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn read_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+fn read_ts(value: &[u8]) -> Option<u64> {
+    read_u64(value)
+}
+
+/// `a \0 b \0 ...`: the separator sorts below every printable byte, so a prefix scan
+/// over `a \0` never meets `ab`.
+pub(crate) fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+#[cfg(test)]
+pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    (dir, store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox(n: u64) -> Append {
+        Append::Inbox {
+            user: "@a:x".into(),
+            device: "D".into(),
+            event: n.to_string().into_bytes(),
+        }
+    }
+
+    #[tokio::test]
+    async fn appended_rows_are_numbered_in_order_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            s.append(vec![inbox(1), inbox(2)]).await.unwrap();
+            let page = s.inbox_page("@a:x", "D", 0, 10).unwrap();
+            assert_eq!(page.len(), 2);
+            assert_eq!(page[1].0, page[0].0 + 1);
+            assert_eq!(s.last_seq(), page[1].0);
+            s.last_seq()
+        };
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        s.append(vec![inbox(3)]).await.unwrap();
+        assert!(s.last_seq() > before);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_commit_in_number_order() {
+        let (_d, s) = temp_store();
+        let tasks: Vec<_> = (0..200u64)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.append(vec![inbox(i)]).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let page = s.inbox_page("@a:x", "D", 0, 1000).unwrap();
+        assert_eq!(page.len(), 200);
+        assert!(page.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[test]
+    fn prefix_end_bounds_prefix() {
+        assert_eq!(prefix_end(b"ab\0"), b"ab\x01".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert!(key(&[b"a", b"b"]).as_slice() < prefix_end(b"a\0").as_slice());
+    }
+}

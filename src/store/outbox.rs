@@ -1,0 +1,252 @@
+//! Per-destination outbound queues and their delivery state.
+//!
+//! Key layout:
+//! - `outbox`:       `destination \0 seq(be64)` -> EDU JSON (one `m.direct_to_device` EDU)
+//! - `destinations`: `destination` -> JSON [`DestState`] (backoff, in-flight transaction)
+//! - `parked`:       `destination \0 seq(be64)` -> JSON `{reason, edu}`
+//!
+//! A destination's EDUs sort in enqueue order. A transaction is a prefix of the queue:
+//! the in-flight record names its txnId and its last `seq`, so a retry rebuilds the
+//! very same body, and the destination's 200 deletes `[0, last_seq]` with one range
+//! delete. Nothing leaves `outbox` but by that acknowledgement or by parking (an EDU a
+//! destination refused for good, kept with its reason). Nothing is trimmed at start.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, Store, StoreError, cf, key, prefix_end, read_u64};
+
+/// The transaction currently being delivered to a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inflight {
+    pub txn_id: String,
+    /// The transaction carries the queue's EDUs up to and including this position.
+    pub last_seq: u64,
+    pub edu_count: usize,
+    /// `origin_server_ts` of the transaction, kept so a retry is byte-identical.
+    pub origin_server_ts: u64,
+}
+
+/// Delivery state of one destination; the default means "healthy, idle".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestState {
+    /// Consecutive failed attempts.
+    pub failures: u32,
+    /// Do not try before this time (ms); 0 = now.
+    pub next_attempt_ts: u64,
+    pub last_error: Option<String>,
+    pub inflight: Option<Inflight>,
+    /// Counter for fresh transaction ids.
+    pub txn_counter: u64,
+}
+
+/// One queued EDU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedEdu {
+    pub seq: u64,
+    pub edu: Vec<u8>,
+}
+
+fn dest_prefix(dest: &str) -> Vec<u8> {
+    key(&[dest.as_bytes(), b""])
+}
+
+pub(crate) fn entry_key(dest: &str, seq: u64) -> Vec<u8> {
+    let mut k = dest_prefix(dest);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Test-only: production rows are numbered by [`Store::append`]'s writer.
+    #[cfg(test)]
+    /// Queues an EDU for `dest` at position `seq` (in `b`).
+    pub(crate) fn outbox_push(&self, b: &mut Batch, dest: &str, seq: u64, edu: &[u8]) {
+        b.0.put_cf(self.cf(cf::OUTBOX), entry_key(dest, seq), edu);
+    }
+
+    /// The queue head: up to `max_count` EDUs (stopping at `upto_seq` if given) whose
+    /// sizes add up to at most `max_bytes`, but always at least one.
+    pub fn outbox_head(
+        &self,
+        dest: &str,
+        max_count: usize,
+        max_bytes: usize,
+        upto_seq: Option<u64>,
+    ) -> Result<Vec<QueuedEdu>, StoreError> {
+        let prefix = dest_prefix(dest);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in self.scan(cf::OUTBOX, &prefix) {
+            let (k, v) = item?;
+            let seq = read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
+                cf: cf::OUTBOX,
+                detail: "short key".into(),
+            })?;
+            if upto_seq.is_some_and(|u| seq > u) || out.len() >= max_count {
+                break;
+            }
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
+            out.push(QueuedEdu {
+                seq,
+                edu: v.into_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many EDUs wait for `dest`, and the seq of the oldest (walks the queue).
+    pub fn outbox_depth(&self, dest: &str) -> Result<(usize, Option<u64>), StoreError> {
+        let prefix = dest_prefix(dest);
+        let mut n = 0;
+        let mut first = None;
+        for item in self.scan(cf::OUTBOX, &prefix) {
+            let (k, _) = item?;
+            if first.is_none() {
+                first = read_u64(&k[prefix.len()..]);
+            }
+            n += 1;
+        }
+        Ok((n, first))
+    }
+
+    /// Every destination with at least one queued EDU (one seek per destination).
+    pub fn destinations_with_work(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let mut iter = self.db().iterator_cf(
+                self.cf(cf::OUTBOX),
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            );
+            let Some(item) = iter.next() else { break };
+            let (k, _) = item?;
+            let Some(i) = k.iter().position(|&b| b == 0) else {
+                break;
+            };
+            let dest = String::from_utf8_lossy(&k[..i]).into_owned();
+            from = prefix_end(&k[..=i]);
+            out.push(dest);
+        }
+        Ok(out)
+    }
+
+    /// Removes the acknowledged prefix `[0, last_seq]` of `dest`'s queue (in `b`).
+    pub fn outbox_ack(&self, b: &mut Batch, dest: &str, last_seq: u64) {
+        b.0.delete_range_cf(
+            self.cf(cf::OUTBOX),
+            entry_key(dest, 0),
+            entry_key(dest, last_seq.saturating_add(1)),
+        );
+    }
+
+    /// Moves one EDU out of the queue into `parked`, with the reason (in `b`).
+    pub fn outbox_park(&self, b: &mut Batch, dest: &str, edu: &QueuedEdu, reason: &str) {
+        let rec = serde_json::json!({
+            "reason": reason,
+            "edu": String::from_utf8_lossy(&edu.edu),
+        });
+        b.0.put_cf(
+            self.cf(cf::PARKED),
+            entry_key(dest, edu.seq),
+            serde_json::to_vec(&rec).expect("serializes"),
+        );
+        b.0.delete_cf(self.cf(cf::OUTBOX), entry_key(dest, edu.seq));
+    }
+
+    pub fn parked_count(&self, dest: &str) -> Result<usize, StoreError> {
+        Ok(self.scan(cf::PARKED, &dest_prefix(dest)).count())
+    }
+
+    pub fn dest_state(&self, dest: &str) -> Result<DestState, StoreError> {
+        match self.db().get_pinned_cf(self.cf(cf::DESTINATIONS), dest)? {
+            None => Ok(DestState::default()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: cf::DESTINATIONS,
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Records `state` for `dest` (in `b`).
+    pub fn put_dest_state(&self, b: &mut Batch, dest: &str, state: &DestState) {
+        b.0.put_cf(
+            self.cf(cf::DESTINATIONS),
+            dest,
+            serde_json::to_vec(state).expect("serializes"),
+        );
+    }
+
+    /// Every destination with a recorded state (for admin views).
+    pub fn all_dest_states(&self) -> Result<Vec<(String, DestState)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.scan(cf::DESTINATIONS, b"") {
+            let (k, v) = item?;
+            let st = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: cf::DESTINATIONS,
+                detail: e.to_string(),
+            })?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), st));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Batch, temp_store};
+    use super::*;
+
+    #[tokio::test]
+    async fn queue_head_budget_ack_and_park() {
+        let (_d, s) = temp_store();
+        let mut b = Batch::new();
+        for i in 1..=5u64 {
+            s.outbox_push(&mut b, "b.test", i, &vec![b'x'; 100]);
+        }
+        s.outbox_push(&mut b, "a.test", 9, b"{}");
+        s.outbox_push(&mut b, "b.test2", 9, b"{}");
+        s.commit(b).await.unwrap();
+        assert_eq!(s.destinations_with_work().unwrap(), vec!["a.test", "b.test", "b.test2"]);
+        assert_eq!(s.outbox_head("b.test", 3, 10_000, None).unwrap().len(), 3);
+        assert_eq!(s.outbox_head("b.test", 100, 250, None).unwrap().len(), 2, "byte budget");
+        assert_eq!(s.outbox_head("b.test", 100, 10, None).unwrap().len(), 1, "always one");
+        assert_eq!(s.outbox_head("b.test", 100, 10_000, Some(4)).unwrap().len(), 4);
+        let mut b = Batch::new();
+        s.outbox_ack(&mut b, "b.test", 3);
+        s.commit(b).await.unwrap();
+        let head = s.outbox_head("b.test", 100, 10_000, None).unwrap();
+        assert_eq!(head.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        let mut b = Batch::new();
+        s.outbox_park(&mut b, "b.test", &head[0], "413");
+        s.commit(b).await.unwrap();
+        assert_eq!(s.outbox_depth("b.test").unwrap(), (1, Some(5)));
+        assert_eq!(s.parked_count("b.test").unwrap(), 1);
+        assert_eq!(s.outbox_depth("b.test2").unwrap().0, 1, "prefix-distinct destinations");
+    }
+
+    #[tokio::test]
+    async fn dest_state_round_trips() {
+        let (_d, s) = temp_store();
+        assert_eq!(s.dest_state("x").unwrap(), DestState::default());
+        let st = DestState {
+            failures: 3,
+            next_attempt_ts: 99,
+            last_error: Some("boom".into()),
+            inflight: Some(Inflight {
+                txn_id: "t1".into(),
+                last_seq: 7,
+                edu_count: 2,
+                origin_server_ts: 5,
+            }),
+            txn_counter: 4,
+        };
+        let mut b = Batch::new();
+        s.put_dest_state(&mut b, "x", &st);
+        s.commit(b).await.unwrap();
+        assert_eq!(s.dest_state("x").unwrap(), st);
+        assert_eq!(s.all_dest_states().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,116 @@
+//! A tiny Matrix client for tests: admin device creation on courier, `sendToDevice`
+//! and `/sync` against any homeserver (courier or Synapse).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{ADMIN_TOKEN, Courier, insecure_client};
+
+/// Creates a device on courier `c` through the admin API; returns its access token.
+pub async fn device(c: &Courier, user: &str, device: &str) -> String {
+    let r: Value = insecure_client()
+        .post(c.url("/_courier/admin/v1/devices"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"user_id": user, "device_id": device}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["access_token"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
+}
+
+/// `PUT sendToDevice/{ty}/{txn}` on `base` (e.g. `https://127.0.0.1:8448`).
+pub async fn send_typed(base: &str, token: &str, ty: &str, txn: &str, messages: Value) {
+    let r = insecure_client()
+        .put(format!("{base}/_matrix/client/v3/sendToDevice/{ty}/{txn}"))
+        .bearer_auth(token)
+        .json(&json!({ "messages": messages }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+pub async fn send(base: &str, token: &str, txn: &str, messages: Value) {
+    send_typed(base, token, "m.test", txn, messages).await
+}
+
+/// Syncs on `base` until `want` to-device events arrived or `deadline` passed,
+/// acknowledging as it goes (and the last batch at the end). Returns every event,
+/// duplicates included.
+pub async fn sync_events(base: &str, token: &str, want: usize, deadline: Duration) -> Vec<Value> {
+    let client = insecure_client();
+    let mut since: Option<String> = None;
+    let mut seen = Vec::new();
+    let end = Instant::now() + deadline;
+    while seen.len() < want && Instant::now() < end {
+        let mut url = format!("{base}/_matrix/client/v3/sync?timeout=2000");
+        if let Some(s) = &since {
+            url.push_str(&format!("&since={s}"));
+        }
+        let Ok(r) = client.get(url).bearer_auth(token).send().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(body) = r.json::<Value>().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if let Some(events) = body["to_device"]["events"].as_array() {
+            seen.extend(events.iter().cloned());
+        }
+        if let Some(nb) = body["next_batch"].as_str() {
+            since = Some(nb.to_owned());
+        }
+    }
+    if let Some(s) = since {
+        let _ = client
+            .get(format!("{base}/_matrix/client/v3/sync?timeout=0&since={s}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+    }
+    seen
+}
+
+/// `sync_events`, keeping only `content.n`.
+pub async fn sync_until(base: &str, token: &str, want: usize, deadline: Duration) -> Vec<u64> {
+    sync_events(base, token, want, deadline)
+        .await
+        .iter()
+        .filter_map(|e| e["content"]["n"].as_u64())
+        .collect()
+}
+
+/// Asserts `seen` holds each of `0..n` exactly once.
+pub fn assert_exactly_once(seen: &[u64], n: u64) {
+    let mut sorted = seen.to_vec();
+    sorted.sort_unstable();
+    let want: Vec<u64> = (0..n).collect();
+    assert_eq!(sorted.len(), want.len(), "count (lost or duplicated)");
+    assert_eq!(sorted, want, "every message exactly once");
+}
+
+/// Sends one message per request, 32 requests at a time, `content.n` = each of `range`.
+pub async fn send_many(base: &str, token: &str, to: &str, device: &str, range: std::ops::Range<u64>) {
+    let mut futs = Vec::new();
+    for n in range {
+        futs.push(async move {
+            send(base, token, &format!("t{n}"), json!({ to: { device: {"n": n}} })).await;
+        });
+        if futs.len() == 32 {
+            futures::future::join_all(futs.drain(..)).await;
+        }
+    }
+    futures::future::join_all(futs).await;
+}
+
+impl Courier {
+    /// Base URL for client requests.
+    pub fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}

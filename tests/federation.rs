@@ -1,0 +1,233 @@
+//! Issue 3 as a user tries it: two real couriers on loopback, durable per-destination
+//! queues, backoff across outages and restarts, and every bad inbound transaction.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::matrix::{assert_exactly_once, device, send_many, sync_until};
+use common::{ADMIN_TOKEN, Courier, insecure_client};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn a_large_batch_arrives_exactly_once() {
+    let a = Courier::start().await;
+    let b = Courier::start().await;
+    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
+    let bob_id = format!("@bob:{}", b.server_name);
+    let bob = device(&b, &bob_id, "BOB").await;
+    send_many(&a.base(), &alice, &bob_id, "BOB", 0..2000).await;
+    let seen = sync_until(&b.base(), &bob, 2000, Duration::from_secs(120)).await;
+    if seen.len() != 2000 {
+        std::fs::write("/tmp/a.log", a.log()).unwrap();
+        std::fs::write("/tmp/b.log", b.log()).unwrap();
+    }
+    assert_exactly_once(&seen, 2000);
+    // Several transactions of many EDUs carried them.
+    let log = a.log();
+    assert!(log.contains("transaction delivered"), "sender log");
+}
+
+#[tokio::test]
+async fn receiver_outage_backs_off_then_delivers_everything_once() {
+    let a = Courier::start_with("[federation]\nallow_private_destinations = true\nverify_certificates = false\nbackoff_initial = \"200ms\"\nbackoff_max = \"1s\"\n").await;
+    let mut b = Courier::start().await;
+    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
+    let bob_id = format!("@bob:{}", b.server_name);
+    let bob = device(&b, &bob_id, "BOB").await;
+    send_many(&a.base(), &alice, &bob_id, "BOB", 0..50).await;
+    let first = sync_until(&b.base(), &bob, 50, Duration::from_secs(60)).await;
+    assert_exactly_once(&first, 50);
+    b.kill();
+    send_many(&a.base(), &alice, &bob_id, "BOB", 50..300).await;
+    // The sender notices and backs off: visible in its log and its admin view.
+    let end = Instant::now() + Duration::from_secs(30);
+    while !a.log().contains("backing off") {
+        assert!(Instant::now() < end, "no backoff in log:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dests: Value = insecure_client()
+        .get(a.url("/_courier/admin/v1/destinations"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let d = &dests["destinations"][&b.server_name];
+    assert!(d["failures"].as_u64().unwrap() >= 1, "{dests}");
+    assert!(d["queued"].as_u64().unwrap() >= 1, "{dests}");
+    b.spawn().await;
+    let rest = sync_until(&b.base(), &bob, 250, Duration::from_secs(60)).await;
+    let all: Vec<u64> = first.iter().chain(rest.iter()).copied().collect();
+    assert_exactly_once(&all, 300);
+}
+
+#[tokio::test]
+async fn sigkilled_sender_resumes_its_queue() {
+    let mut a = Courier::start().await;
+    let mut b = Courier::start().await;
+    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
+    let bob_id = format!("@bob:{}", b.server_name);
+    let bob = device(&b, &bob_id, "BOB").await;
+    b.kill();
+    send_many(&a.base(), &alice, &bob_id, "BOB", 0..200).await;
+    a.kill();
+    // Queued on disk: visible in A's store while A is down.
+    {
+        let store = courier::store::Store::open(&a.data_dir().join("db"), &Default::default()).unwrap();
+        assert_eq!(store.outbox_depth(&b.server_name).unwrap().0, 200);
+    }
+    b.spawn().await;
+    a.spawn().await;
+    let seen = sync_until(&b.base(), &bob, 200, Duration::from_secs(60)).await;
+    assert_exactly_once(&seen, 200);
+    // Acknowledged and purged on A.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        a.kill();
+        let store = courier::store::Store::open(&a.data_dir().join("db"), &Default::default()).unwrap();
+        if store.destinations_with_work().unwrap().is_empty() {
+            break;
+        }
+        drop(store);
+        assert!(Instant::now() < end, "outbox not purged");
+        a.spawn().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Signs federation requests as courier `origin` (with its own key file).
+struct Signer {
+    origin: String,
+    key: courier::signing::SigningKey,
+}
+
+impl Signer {
+    fn of(c: &Courier) -> Signer {
+        Signer {
+            origin: c.server_name.clone(),
+            key: courier::signing::keyfile::read(&c.dir.path().join("keys/signing.key")).unwrap(),
+        }
+    }
+
+    fn header(&self, method: &str, uri: &str, dest: &str, body: Option<&Value>) -> String {
+        courier::signing::xmatrix::sign_request(
+            method,
+            uri,
+            &self.origin,
+            dest,
+            body,
+            &self.key,
+            courier::signing::canonical::NumberMode::Python,
+        )
+        .unwrap()
+    }
+
+    async fn put_txn(&self, to: &Courier, txn: &str, body: &Value) -> (u16, Value) {
+        let uri = format!("/_matrix/federation/v1/send/{txn}");
+        let r = insecure_client()
+            .put(to.url(&uri))
+            .header("Authorization", self.header("PUT", &uri, &to.server_name, Some(body)))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn txn(origin: &str, edus: Vec<Value>) -> Value {
+    json!({"origin": origin, "origin_server_ts": 1, "pdus": [], "edus": edus})
+}
+
+fn edu(sender: &str, mid: &str, to: &str, n: u64) -> Value {
+    json!({"edu_type": "m.direct_to_device", "content": {
+        "sender": sender, "type": "m.test", "message_id": mid,
+        "messages": {to: {"*": {"n": n}}}}})
+}
+
+#[tokio::test]
+async fn repeated_transactions_and_bad_input() {
+    let origin = Courier::start().await; // only serves its keys
+    let target = Courier::start().await;
+    let s = Signer::of(&origin);
+    let bob_id = format!("@bob:{}", target.server_name);
+    let bob = device(&target, &bob_id, "BOB").await;
+    let alice = format!("@alice:{}", origin.server_name);
+
+    // The same transaction twice: processed once.
+    let t = txn(&s.origin, vec![edu(&alice, "m1", &bob_id, 0)]);
+    assert_eq!(s.put_txn(&target, "T1", &t).await, (200, json!({"pdus": {}})));
+    assert_eq!(s.put_txn(&target, "T1", &t).await.0, 200);
+    // The same message in a new transaction: deduplicated by message_id.
+    assert_eq!(s.put_txn(&target, "T2", &t).await.0, 200);
+    // A malformed EDU next to a good one: the good one is kept.
+    let t3 = txn(&s.origin, vec![json!({"edu_type": "m.direct_to_device", "content": {"sender": 5}}), edu(&alice, "m2", &bob_id, 1)]);
+    assert_eq!(s.put_txn(&target, "T3", &t3).await.0, 200);
+    // A spoofed sender is dropped.
+    let t4 = txn(&s.origin, vec![edu("@mallory:evil.example", "m3", &bob_id, 99)]);
+    assert_eq!(s.put_txn(&target, "T4", &t4).await.0, 200);
+    let seen = sync_until(&target.base(), &bob, 2, Duration::from_secs(10)).await;
+    assert_eq!(seen, vec![0, 1]);
+
+    let client = insecure_client();
+    let uri = "/_matrix/federation/v1/send/BAD";
+    let good = txn(&s.origin, vec![edu(&alice, "m9", &bob_id, 9)]);
+    let put = |auth: Option<String>, body: Vec<u8>| {
+        let mut rb = client.put(target.url(uri)).header("Content-Type", "application/json").body(body);
+        if let Some(a) = auth {
+            rb = rb.header("Authorization", a);
+        }
+        async move {
+            let r = rb.send().await.unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let body = serde_json::to_vec(&good).unwrap();
+    let h = s.header("PUT", uri, &target.server_name, Some(&good));
+
+    // No signature at all.
+    let (st, e) = put(None, body.clone()).await;
+    assert_eq!((st, e["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")));
+    // A signature over different content.
+    let other = txn(&s.origin, vec![]);
+    let (st, _) = put(Some(s.header("PUT", uri, &target.server_name, Some(&other))), body.clone()).await;
+    assert_eq!(st, 401);
+    // Signed for another destination.
+    let (st, _) = put(Some(s.header("PUT", uri, "elsewhere.example", Some(&good))), body.clone()).await;
+    assert_eq!(st, 401);
+    // An unknown key id.
+    let (st, _) = put(Some(h.replace(&s.key.key_id(), "ed25519:nope")), body.clone()).await;
+    assert_eq!(st, 401);
+    // A mangled header.
+    let (st, _) = put(Some("X-Matrix origin=".into()), body.clone()).await;
+    assert!(st == 400 || st == 401, "{st}");
+    // Not JSON.
+    let (st, e) = put(Some(h.clone()), b"{nope".to_vec()).await;
+    assert_eq!((st, e["errcode"].as_str()), (400, Some("M_NOT_JSON")));
+    // Wrong types.
+    let bad = json!({"origin": s.origin, "origin_server_ts": 1, "pdus": [], "edus": {}});
+    let (st, e) = put(Some(s.header("PUT", uri, &target.server_name, Some(&bad))), serde_json::to_vec(&bad).unwrap()).await;
+    assert_eq!((st, e["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+    // Body origin differs from the signer.
+    let lie = json!({"origin": "other.example", "origin_server_ts": 1, "pdus": [], "edus": []});
+    let (st, _) = put(Some(s.header("PUT", uri, &target.server_name, Some(&lie))), serde_json::to_vec(&lie).unwrap()).await;
+    assert_eq!(st, 403);
+    // Too many EDUs.
+    let many = txn(&s.origin, (0..101).map(|i| edu(&alice, &format!("x{i}"), &bob_id, 1000 + i)).collect());
+    let (st, _) = put(Some(s.header("PUT", uri, &target.server_name, Some(&many))), serde_json::to_vec(&many).unwrap()).await;
+    assert_eq!(st, 400);
+    // Oversized body.
+    let huge = txn(&s.origin, vec![json!({"edu_type": "m.x", "content": {"pad": "y".repeat(9 * 1024 * 1024)}})]);
+    let (st, e) = put(Some(s.header("PUT", uri, &target.server_name, Some(&huge))), serde_json::to_vec(&huge).unwrap()).await;
+    assert_eq!((st, e["errcode"].as_str()), (413, Some("M_TOO_LARGE")));
+
+    // None of that delivered anything.
+    let seen = sync_until(&target.base(), &bob, 1, Duration::from_secs(2)).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(!target.log().contains("panicked"));
+}
