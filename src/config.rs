@@ -290,7 +290,10 @@ impl Config {
             );
         }
         if f.max_transaction_bytes < 64 * 1024 {
-            return bad("federation.max_transaction_bytes", "must be at least 64 KiB");
+            return bad(
+                "federation.max_transaction_bytes",
+                "must be at least 64 KiB",
+            );
         }
         for (name, target) in &f.overrides {
             if ServerName::parse(name).is_err() {
@@ -299,7 +302,10 @@ impl Config {
                     "the key is not a server name",
                 );
             }
-            if crate::ids::split_host_port(target).and_then(|(_, p)| p).is_none() {
+            if crate::ids::split_host_port(target)
+                .and_then(|(_, p)| p)
+                .is_none()
+            {
                 return bad(
                     &format!("federation.overrides.{name}"),
                     "the target must be host:port",
@@ -315,7 +321,10 @@ impl Config {
             );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return bad("log.level", "not a valid filter (e.g. \"info\", \"courier=debug\")");
+            return bad(
+                "log.level",
+                "not a valid filter (e.g. \"info\", \"courier=debug\")",
+            );
         }
         Ok(())
     }
@@ -378,7 +387,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
-        let e = err(&MINIMAL.replace("\"127.0.0.1:8448\"\n        data_dir", "\"bad name!\"\n        data_dir"));
+        let e = err(&MINIMAL.replace(
+            "\"127.0.0.1:8448\"\n        data_dir",
+            "\"bad name!\"\n        data_dir",
+        ));
         assert!(e.contains("server_name") || e.contains("bad name"), "{e}");
         let e = err(&MINIMAL.replace("address = \"127.0.0.1:8448\"", "address = \"nowhere\""));
         assert!(e.contains("address"), "{e}");
@@ -386,11 +398,15 @@ mod tests {
         assert!(e.contains("gopher"), "{e}");
         let e = err(&format!("{MINIMAL}\n[log]\nformat = \"xml\"\n"));
         assert!(e.contains("xml"), "{e}");
-        let e = err(&format!("{MINIMAL}\n[federation]\nbackoff_initial = \"soon\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}\n[federation]\nbackoff_initial = \"soon\"\n"
+        ));
         assert!(e.contains("backoff_initial"), "{e}");
         let e = err(&format!("{MINIMAL}\n[admin]\ntoken = \"short\"\n"));
         assert!(e.contains("admin.token"), "{e}");
-        let e = err(&format!("{MINIMAL}\n[federation.overrides]\n\"example.org\" = \"10.0.0.5\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}\n[federation.overrides]\n\"example.org\" = \"10.0.0.5\"\n"
+        ));
         assert!(e.contains("federation.overrides.example.org"), "{e}");
         let e = err(&MINIMAL.replace("resources = [\"federation\", \"client\"]", "resources = []"));
         assert!(e.contains("listeners[0].resources"), "{e}");

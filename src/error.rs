@@ -95,7 +95,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.errcode, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.errcode,
+            self.message
+        )
     }
 }
 
@@ -125,7 +131,9 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
         match r {
             JsonSyntaxError(e) => ApiError::not_json(e.body_text()),
             JsonDataError(e) => ApiError::bad_json(e.body_text()),
-            MissingJsonContentType(_) => ApiError::not_json("expected Content-Type: application/json"),
+            MissingJsonContentType(_) => {
+                ApiError::not_json("expected Content-Type: application/json")
+            }
             BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::too_large("request body too large")
             }

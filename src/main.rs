@@ -15,7 +15,11 @@ use courier::config::Config;
 use courier::signing::{self, SigningKey, canonical};
 
 #[derive(Parser)]
-#[command(name = "courier", version, about = "A Matrix federation relay for to-device events")]
+#[command(
+    name = "courier",
+    version,
+    about = "A Matrix federation relay for to-device events"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,7 +138,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let serde_json::Value::Object(mut obj) = value else {
                         anyhow::bail!("input is not a JSON object");
                     };
-                    signing::sign_json(&mut obj, &server_name, &key, canonical::NumberMode::Strict)?;
+                    signing::sign_json(
+                        &mut obj,
+                        &server_name,
+                        &key,
+                        canonical::NumberMode::Strict,
+                    )?;
                     let out = canonical::to_canonical_string(&serde_json::Value::Object(obj))?;
                     println!("{out}");
                 }

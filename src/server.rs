@@ -28,7 +28,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub fn load_or_generate_key(config: &Config) -> anyhow::Result<SigningKey> {
     let path = &config.signing_key;
     if path.exists() {
-        return signing::keyfile::read(path).with_context(|| format!("reading signing key {}", path.display()));
+        return signing::keyfile::read(path)
+            .with_context(|| format!("reading signing key {}", path.display()));
     }
     let key = SigningKey::generate(&signing::keyfile::new_key_version())?;
     signing::keyfile::write_new(path, &key)
@@ -59,13 +60,13 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
     let mut r: Router<App> = Router::new();
     for res in resources {
         r = match res {
-            Resource::Federation => r
-                .merge(
-                crate::federation::routes::router()
-                    .layer(DefaultBodyLimit::max(app.config.federation.max_request_bytes)),
-            ),
+            Resource::Federation => r.merge(crate::federation::routes::router().layer(
+                DefaultBodyLimit::max(app.config.federation.max_request_bytes),
+            )),
             Resource::Client => r.merge(crate::client::router()),
-            Resource::Admin => r.merge(crate::client::admin::router()),
+            Resource::Admin => r
+                .merge(crate::client::admin::router())
+                .merge(crate::federation::admin::router()),
         };
     }
     r.route("/_matrix/{*rest}", any(crate::error::unrecognized))
@@ -84,7 +85,11 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
             let (cert, key) = crate::tls::cert_paths(&app.config, listener);
             if listener.tls_cert.is_none() {
                 let names = vec![
-                    app.config.server_name.host().trim_matches(['[', ']']).to_owned(),
+                    app.config
+                        .server_name
+                        .host()
+                        .trim_matches(['[', ']'])
+                        .to_owned(),
                     "localhost".to_owned(),
                     "127.0.0.1".to_owned(),
                 ];
@@ -93,15 +98,15 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
                 }
             }
             let tls = RustlsConfig::from_config(crate::tls::server_config(&cert, &key)?);
-            let std_listener = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding {addr}"))?;
+            let std_listener =
+                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = true, resources = ?listener.resources, "listening");
             let server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
             tasks.spawn(async move { server.serve(service).await });
         } else {
-            let std_listener = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding {addr}"))?;
+            let std_listener =
+                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = false, resources = ?listener.resources, "listening");
             let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());

@@ -76,7 +76,8 @@ async fn sigkilled_sender_resumes_its_queue() {
     a.kill();
     // Queued on disk: visible in A's store while A is down.
     {
-        let store = courier::store::Store::open(&a.data_dir().join("db"), &Default::default()).unwrap();
+        let store =
+            courier::store::Store::open(&a.data_dir().join("db"), &Default::default()).unwrap();
         assert_eq!(store.outbox_depth(&b.server_name).unwrap().0, 200);
     }
     b.spawn().await;
@@ -87,7 +88,8 @@ async fn sigkilled_sender_resumes_its_queue() {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         a.kill();
-        let store = courier::store::Store::open(&a.data_dir().join("db"), &Default::default()).unwrap();
+        let store =
+            courier::store::Store::open(&a.data_dir().join("db"), &Default::default()).unwrap();
         if store.destinations_with_work().unwrap().is_empty() {
             break;
         }
@@ -129,7 +131,10 @@ impl Signer {
         let uri = format!("/_matrix/federation/v1/send/{txn}");
         let r = insecure_client()
             .put(to.url(&uri))
-            .header("Authorization", self.header("PUT", &uri, &to.server_name, Some(body)))
+            .header(
+                "Authorization",
+                self.header("PUT", &uri, &to.server_name, Some(body)),
+            )
             .json(body)
             .send()
             .await
@@ -160,15 +165,27 @@ async fn repeated_transactions_and_bad_input() {
 
     // The same transaction twice: processed once.
     let t = txn(&s.origin, vec![edu(&alice, "m1", &bob_id, 0)]);
-    assert_eq!(s.put_txn(&target, "T1", &t).await, (200, json!({"pdus": {}})));
+    assert_eq!(
+        s.put_txn(&target, "T1", &t).await,
+        (200, json!({"pdus": {}}))
+    );
     assert_eq!(s.put_txn(&target, "T1", &t).await.0, 200);
     // The same message in a new transaction: deduplicated by message_id.
     assert_eq!(s.put_txn(&target, "T2", &t).await.0, 200);
     // A malformed EDU next to a good one: the good one is kept.
-    let t3 = txn(&s.origin, vec![json!({"edu_type": "m.direct_to_device", "content": {"sender": 5}}), edu(&alice, "m2", &bob_id, 1)]);
+    let t3 = txn(
+        &s.origin,
+        vec![
+            json!({"edu_type": "m.direct_to_device", "content": {"sender": 5}}),
+            edu(&alice, "m2", &bob_id, 1),
+        ],
+    );
     assert_eq!(s.put_txn(&target, "T3", &t3).await.0, 200);
     // A spoofed sender is dropped.
-    let t4 = txn(&s.origin, vec![edu("@mallory:evil.example", "m3", &bob_id, 99)]);
+    let t4 = txn(
+        &s.origin,
+        vec![edu("@mallory:evil.example", "m3", &bob_id, 99)],
+    );
     assert_eq!(s.put_txn(&target, "T4", &t4).await.0, 200);
     let seen = sync_until(&target.base(), &bob, 2, Duration::from_secs(10)).await;
     assert_eq!(seen, vec![0, 1]);
@@ -177,7 +194,10 @@ async fn repeated_transactions_and_bad_input() {
     let uri = "/_matrix/federation/v1/send/BAD";
     let good = txn(&s.origin, vec![edu(&alice, "m9", &bob_id, 9)]);
     let put = |auth: Option<String>, body: Vec<u8>| {
-        let mut rb = client.put(target.url(uri)).header("Content-Type", "application/json").body(body);
+        let mut rb = client
+            .put(target.url(uri))
+            .header("Content-Type", "application/json")
+            .body(body);
         if let Some(a) = auth {
             rb = rb.header("Authorization", a);
         }
@@ -195,13 +215,25 @@ async fn repeated_transactions_and_bad_input() {
     assert_eq!((st, e["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")));
     // A signature over different content.
     let other = txn(&s.origin, vec![]);
-    let (st, _) = put(Some(s.header("PUT", uri, &target.server_name, Some(&other))), body.clone()).await;
+    let (st, _) = put(
+        Some(s.header("PUT", uri, &target.server_name, Some(&other))),
+        body.clone(),
+    )
+    .await;
     assert_eq!(st, 401);
     // Signed for another destination.
-    let (st, _) = put(Some(s.header("PUT", uri, "elsewhere.example", Some(&good))), body.clone()).await;
+    let (st, _) = put(
+        Some(s.header("PUT", uri, "elsewhere.example", Some(&good))),
+        body.clone(),
+    )
+    .await;
     assert_eq!(st, 401);
     // An unknown key id.
-    let (st, _) = put(Some(h.replace(&s.key.key_id(), "ed25519:nope")), body.clone()).await;
+    let (st, _) = put(
+        Some(h.replace(&s.key.key_id(), "ed25519:nope")),
+        body.clone(),
+    )
+    .await;
     assert_eq!(st, 401);
     // A mangled header.
     let (st, _) = put(Some("X-Matrix origin=".into()), body.clone()).await;
@@ -211,19 +243,43 @@ async fn repeated_transactions_and_bad_input() {
     assert_eq!((st, e["errcode"].as_str()), (400, Some("M_NOT_JSON")));
     // Wrong types.
     let bad = json!({"origin": s.origin, "origin_server_ts": 1, "pdus": [], "edus": {}});
-    let (st, e) = put(Some(s.header("PUT", uri, &target.server_name, Some(&bad))), serde_json::to_vec(&bad).unwrap()).await;
+    let (st, e) = put(
+        Some(s.header("PUT", uri, &target.server_name, Some(&bad))),
+        serde_json::to_vec(&bad).unwrap(),
+    )
+    .await;
     assert_eq!((st, e["errcode"].as_str()), (400, Some("M_BAD_JSON")));
     // Body origin differs from the signer.
     let lie = json!({"origin": "other.example", "origin_server_ts": 1, "pdus": [], "edus": []});
-    let (st, _) = put(Some(s.header("PUT", uri, &target.server_name, Some(&lie))), serde_json::to_vec(&lie).unwrap()).await;
+    let (st, _) = put(
+        Some(s.header("PUT", uri, &target.server_name, Some(&lie))),
+        serde_json::to_vec(&lie).unwrap(),
+    )
+    .await;
     assert_eq!(st, 403);
     // Too many EDUs.
-    let many = txn(&s.origin, (0..101).map(|i| edu(&alice, &format!("x{i}"), &bob_id, 1000 + i)).collect());
-    let (st, _) = put(Some(s.header("PUT", uri, &target.server_name, Some(&many))), serde_json::to_vec(&many).unwrap()).await;
+    let many = txn(
+        &s.origin,
+        (0..101)
+            .map(|i| edu(&alice, &format!("x{i}"), &bob_id, 1000 + i))
+            .collect(),
+    );
+    let (st, _) = put(
+        Some(s.header("PUT", uri, &target.server_name, Some(&many))),
+        serde_json::to_vec(&many).unwrap(),
+    )
+    .await;
     assert_eq!(st, 400);
     // Oversized body.
-    let huge = txn(&s.origin, vec![json!({"edu_type": "m.x", "content": {"pad": "y".repeat(9 * 1024 * 1024)}})]);
-    let (st, e) = put(Some(s.header("PUT", uri, &target.server_name, Some(&huge))), serde_json::to_vec(&huge).unwrap()).await;
+    let huge = txn(
+        &s.origin,
+        vec![json!({"edu_type": "m.x", "content": {"pad": "y".repeat(9 * 1024 * 1024)}})],
+    );
+    let (st, e) = put(
+        Some(s.header("PUT", uri, &target.server_name, Some(&huge))),
+        serde_json::to_vec(&huge).unwrap(),
+    )
+    .await;
     assert_eq!((st, e["errcode"].as_str()), (413, Some("M_TOO_LARGE")));
 
     // None of that delivered anything.

@@ -12,7 +12,8 @@ fn ruma_verifies(server: &str, key_id: &str, key_b64: &str, obj: &Value) -> bool
     set.insert(key_id.to_owned(), Base64::parse(key_b64).unwrap());
     let mut map = ruma_signatures::PublicKeyMap::new();
     map.insert(server.to_owned(), set);
-    let canon = ruma_common::canonical_json::try_from_json_map(obj.as_object().unwrap().clone()).unwrap();
+    let canon =
+        ruma_common::canonical_json::try_from_json_map(obj.as_object().unwrap().clone()).unwrap();
     ruma_signatures::verify_json(&map, &canon).is_ok()
 }
 
@@ -36,8 +37,12 @@ async fn key_server_publishes_a_key_that_matches_the_file_and_verifies_elsewhere
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["server_name"], c.server_name.as_str());
-    let published = body["verify_keys"][&key_id]["key"].as_str().unwrap().to_owned();
-    let from_file = courier::signing::keyfile::read(&c.dir.path().join("keys/signing.key")).unwrap();
+    let published = body["verify_keys"][&key_id]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let from_file =
+        courier::signing::keyfile::read(&c.dir.path().join("keys/signing.key")).unwrap();
     assert_eq!(published, from_file.public_key_base64());
     let now = courier::store::now_ms();
     let until = body["valid_until_ts"].as_u64().unwrap();
@@ -48,7 +53,12 @@ async fn key_server_publishes_a_key_that_matches_the_file_and_verifies_elsewhere
     assert!(ruma_verifies(&c.server_name, &key_id, &published, &body));
     let mut tampered = body.clone();
     tampered["valid_until_ts"] = Value::from(until + 1);
-    assert!(!ruma_verifies(&c.server_name, &key_id, &published, &tampered));
+    assert!(!ruma_verifies(
+        &c.server_name,
+        &key_id,
+        &published,
+        &tampered
+    ));
 }
 
 #[tokio::test]
@@ -57,7 +67,16 @@ async fn a_restart_keeps_the_same_key() {
     let get = |c: &Courier| {
         let client = c.pinned_client();
         let url = c.url("/_matrix/key/v2/server");
-        async move { client.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
     let before = get(&c).await["verify_keys"].clone();
     assert_eq!(c.terminate(), Some(0), "SIGTERM exits 0; log:\n{}", c.log());
@@ -78,7 +97,11 @@ async fn version_and_unknown_endpoints() {
         .await
         .unwrap();
     assert_eq!(v["server"]["name"], "courier");
-    let r = client.get(c.url("/_matrix/federation/v1/nope")).send().await.unwrap();
+    let r = client
+        .get(c.url("/_matrix/federation/v1/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["errcode"], "M_UNRECOGNIZED");
@@ -90,7 +113,8 @@ async fn remote_keys_are_fetched_checked_and_cached_across_restarts() {
     courier::tls::install_crypto_provider();
     let mut remote = Courier::start().await;
     let remote_name = courier::ids::ServerName::parse(&remote.server_name).unwrap();
-    let key_file = courier::signing::keyfile::read(&remote.dir.path().join("keys/signing.key")).unwrap();
+    let key_file =
+        courier::signing::keyfile::read(&remote.dir.path().join("keys/signing.key")).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let fed = courier::config::Federation {
@@ -102,7 +126,8 @@ async fn remote_keys_are_fetched_checked_and_cached_across_restarts() {
     let key = std::sync::Arc::new(courier::signing::SigningKey::generate("t").unwrap());
     let open = || {
         let store = courier::store::Store::open(dir.path(), &Default::default()).unwrap();
-        let client = std::sync::Arc::new(FederationClient::new(me.clone(), key.clone(), &fed).unwrap());
+        let client =
+            std::sync::Arc::new(FederationClient::new(me.clone(), key.clone(), &fed).unwrap());
         RemoteKeys::new(store, client)
     };
     {
@@ -134,7 +159,10 @@ fn keygen_writes_synapse_format_and_refuses_to_overwrite() {
     assert_ne!(code, 0);
     assert!(out.is_empty());
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert_eq!(std::fs::read_to_string(dir.path().join("k/signing.key")).unwrap(), text);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("k/signing.key")).unwrap(),
+        text
+    );
 }
 
 #[test]
@@ -161,7 +189,11 @@ fn json_canonical_follows_the_spec_and_refuses_bad_input() {
         let (code, out, err) = run_cli(&["json", "canonical"], bad, d.path());
         assert_ne!(code, 0, "{bad} must be refused");
         assert!(out.is_empty(), "{bad}: {out}");
-        assert_eq!(err.trim().lines().count(), 1, "{bad}: one-line error, got {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{bad}: one-line error, got {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
 }

@@ -32,7 +32,8 @@ const MAX_SAFE: i64 = (1 << 53) - 1;
 /// fixed 16-byte header followed by the 32-byte seed.
 fn ruma_key(version: &str, seed: [u8; 32]) -> Ed25519KeyPair {
     const PKCS8_V1_ED25519: [u8; 16] = [
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
     ];
     let mut der = PKCS8_V1_ED25519.to_vec();
     der.extend_from_slice(&seed);
@@ -42,7 +43,10 @@ fn ruma_key(version: &str, seed: [u8; 32]) -> Ed25519KeyPair {
 fn ruma_public_keys(entity: &str, key: &SigningKey) -> PublicKeyMap {
     BTreeMap::from([(
         entity.to_owned(),
-        BTreeMap::from([(key.key_id(), Base64::new(key.verifying_key().to_bytes().to_vec()))]),
+        BTreeMap::from([(
+            key.key_id(),
+            Base64::new(key.verifying_key().to_bytes().to_vec()),
+        )]),
     )])
 }
 
@@ -104,8 +108,11 @@ fn arb_value() -> impl Strategy<Value = Value> {
     })
 }
 
-fn arb_object_of(values: impl Strategy<Value = Value>) -> impl Strategy<Value = Map<String, Value>> {
-    proptest::collection::btree_map(arb_string(), values, 0..6).prop_map(|m| m.into_iter().collect())
+fn arb_object_of(
+    values: impl Strategy<Value = Value>,
+) -> impl Strategy<Value = Map<String, Value>> {
+    proptest::collection::btree_map(arb_string(), values, 0..6)
+        .prop_map(|m| m.into_iter().collect())
 }
 
 fn arb_object() -> impl Strategy<Value = Map<String, Value>> {
@@ -114,21 +121,33 @@ fn arb_object() -> impl Strategy<Value = Map<String, Value>> {
 
 /// Objects that may carry `signatures`/`unsigned` (which signing must skip).
 fn arb_signable() -> impl Strategy<Value = Map<String, Value>> {
-    (arb_object(), proptest::option::of(arb_object()), any::<bool>()).prop_map(|(mut obj, unsigned, other_sig)| {
-        if let Some(u) = unsigned {
-            obj.insert("unsigned".into(), Value::Object(u));
-        }
-        if other_sig {
-            obj.insert("signatures".into(), serde_json::json!({"other.example": {"ed25519:x": "c2ln"}}));
-        } else {
-            obj.remove("signatures");
-        }
-        obj
-    })
+    (
+        arb_object(),
+        proptest::option::of(arb_object()),
+        any::<bool>(),
+    )
+        .prop_map(|(mut obj, unsigned, other_sig)| {
+            if let Some(u) = unsigned {
+                obj.insert("unsigned".into(), Value::Object(u));
+            }
+            if other_sig {
+                obj.insert(
+                    "signatures".into(),
+                    serde_json::json!({"other.example": {"ed25519:x": "c2ln"}}),
+                );
+            } else {
+                obj.remove("signatures");
+            }
+            obj
+        })
 }
 
 fn arb_server_name() -> impl Strategy<Value = String> {
-    ("[a-z][a-z0-9-]{0,10}", prop_oneof![Just(""), Just(":8448"), Just(":1")]).prop_map(|(h, p)| format!("{h}.example{p}"))
+    (
+        "[a-z][a-z0-9-]{0,10}",
+        prop_oneof![Just(""), Just(":8448"), Just(":1")],
+    )
+        .prop_map(|(h, p)| format!("{h}.example{p}"))
 }
 
 fn arb_key_version() -> impl Strategy<Value = String> {
@@ -136,7 +155,10 @@ fn arb_key_version() -> impl Strategy<Value = String> {
 }
 
 fn arb_uri() -> impl Strategy<Value = String> {
-    ("[a-zA-Z0-9_/.~-]{0,30}", proptest::option::of("[a-z_]{1,6}=[a-zA-Z0-9%._-]{0,10}(&[a-z]{1,3}=[0-9]{1,3})?"))
+    (
+        "[a-zA-Z0-9_/.~-]{0,30}",
+        proptest::option::of("[a-z_]{1,6}=[a-zA-Z0-9%._-]{0,10}(&[a-z]{1,3}=[0-9]{1,3})?"),
+    )
         .prop_map(|(path, query)| match query {
             Some(q) => format!("/_matrix/{path}?{q}"),
             None => format!("/_matrix/{path}"),
@@ -147,13 +169,23 @@ fn arb_request() -> impl Strategy<Value = (String, String, Option<Value>)> {
     prop_oneof![
         (Just("GET".to_owned()), arb_uri(), Just(None)),
         (Just("DELETE".to_owned()), arb_uri(), Just(None)),
-        (prop_oneof![Just("PUT".to_owned()), Just("POST".to_owned())], arb_uri(), arb_object().prop_map(|o| Some(Value::Object(o)))),
+        (
+            prop_oneof![Just("PUT".to_owned()), Just("POST".to_owned())],
+            arb_uri(),
+            arb_object().prop_map(|o| Some(Value::Object(o)))
+        ),
     ]
 }
 
 fn http_request(method: &str, uri: &str, content: Option<&Value>) -> http::Request<Vec<u8>> {
-    let body = content.map(|c| serde_json::to_vec(c).unwrap()).unwrap_or_default();
-    http::Request::builder().method(method).uri(uri).body(body).unwrap()
+    let body = content
+        .map(|c| serde_json::to_vec(c).unwrap())
+        .unwrap_or_default();
+    http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body)
+        .unwrap()
 }
 
 // ---------------------------------------------------------------------------
@@ -202,7 +234,10 @@ fn documented_differences_from_ruma() {
     // integral one into the integer: `{"a": -0, "b": 1e10}` -> `{"a":0,"b":10000000000}`.
     let v = canonical::parse_strict(r#"{"a": -0, "b": 1e10}"#).unwrap();
     assert!(CanonicalJsonValue::try_from(v.clone()).is_err());
-    assert_eq!(canonical::to_canonical_string(&v).unwrap(), r#"{"a":0,"b":10000000000}"#);
+    assert_eq!(
+        canonical::to_canonical_string(&v).unwrap(),
+        r#"{"a":0,"b":10000000000}"#
+    );
 
     // u64 beyond i64: both refuse.
     let v = serde_json::json!({"n": u64::MAX});
@@ -213,7 +248,10 @@ fn documented_differences_from_ruma() {
     let text = r#"{"a": 1, "a": 2}"#;
     let theirs: CanonicalJsonValue = serde_json::from_str(text).unwrap();
     assert_eq!(theirs.to_string(), r#"{"a":2}"#);
-    assert!(matches!(canonical::parse_strict(text), Err(CanonicalError::DuplicateKey { .. })));
+    assert!(matches!(
+        canonical::parse_strict(text),
+        Err(CanonicalError::DuplicateKey { .. })
+    ));
 }
 
 // ---------------------------------------------------------------------------
@@ -339,13 +377,20 @@ proptest! {
 /// ruma's own quoting test header, and a pre-v1.3 header without destination.
 #[test]
 fn ruma_style_headers_parse() {
-    let x = xmatrix::parse(r#"X-Matrix origin="example.com:1234",key="abc\"def\\:ghi",sig=dGVzdA,"#).unwrap();
-    assert_eq!((x.origin.as_str(), x.key.as_str(), x.sig.as_str()), ("example.com:1234", r#"abc"def\:ghi"#, "dGVzdA"));
+    let x =
+        xmatrix::parse(r#"X-Matrix origin="example.com:1234",key="abc\"def\\:ghi",sig=dGVzdA,"#)
+            .unwrap();
+    assert_eq!(
+        (x.origin.as_str(), x.key.as_str(), x.sig.as_str()),
+        ("example.com:1234", r#"abc"def\:ghi"#, "dGVzdA")
+    );
     let x = xmatrix::parse(
         "X-Matrix origin=\"origin.hs.example.com\"  ,     destination=\"destination.hs.example.com\",key=\"ed25519:key1\", sig=\"dGVzdA\"",
     )
     .unwrap();
     assert_eq!(x.destination.as_deref(), Some("destination.hs.example.com"));
-    let x = xmatrix::parse(r#"X-Matrix key="ed25519:key1",origin=origin.hs.example.com,sig=dGVzdA"#).unwrap();
+    let x =
+        xmatrix::parse(r#"X-Matrix key="ed25519:key1",origin=origin.hs.example.com,sig=dGVzdA"#)
+            .unwrap();
     assert_eq!(x.destination, None);
 }

@@ -6,9 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::matrix::{assert_exactly_once, device, send_many, send_typed, sync_events, sync_until};
-use common::synapse::{Synapse, venv_or_skip};
 use common::Courier;
+use common::matrix::{
+    assert_exactly_once, device, send_many, send_typed, sync_events, sync_events_from, sync_until,
+};
+use common::synapse::{Synapse, venv_or_skip};
 use serde_json::{Value, json};
 
 /// The content Synapse signs with Python's float formatting (`1e+16`, `-0.0`, `1e-07`).
@@ -29,18 +31,27 @@ fn assert_floaty(content: &Value, n: u64) {
 /// Fails on what a real peer asked and courier could not answer, in either log.
 fn assert_clean_logs(c: &Courier, s: &Synapse) {
     let clog = c.log();
-    assert!(!clog.contains("unrecognized request"), "courier got requests it does not serve:\n{clog}");
+    assert!(
+        !clog.contains("unrecognized request"),
+        "courier got requests it does not serve:\n{clog}"
+    );
     assert!(!clog.contains("panicked"), "{clog}");
     for line in s.log().lines() {
         let about_courier = line.contains(&c.server_name);
-        let failed = line.contains("Got response headers: 4") || line.contains("Got response headers: 5");
-        assert!(!(about_courier && failed), "Synapse saw an error from courier: {line}");
+        let failed =
+            line.contains("Got response headers: 4") || line.contains("Got response headers: 5");
+        assert!(
+            !(about_courier && failed),
+            "Synapse saw an error from courier: {line}"
+        );
     }
 }
 
 #[tokio::test]
 async fn synapse_to_courier_device_and_star_with_floats() {
-    let Some(venv) = venv_or_skip("synapse_to_courier_device_and_star_with_floats") else { return };
+    let Some(venv) = venv_or_skip("synapse_to_courier_device_and_star_with_floats") else {
+        return;
+    };
     let mut c = Courier::start().await;
     let s = Synapse::start(&venv);
     let bob_id = format!("@bob:{}", c.server_name);
@@ -48,8 +59,22 @@ async fn synapse_to_courier_device_and_star_with_floats() {
     let bob2 = device(&c, &bob_id, "BOB2").await;
     let (alice_id, alice) = s.register("alice", "ALICEDEV");
 
-    send_typed(&s.url(""), &alice, "m.room_key_request", "a1", json!({ &bob_id: {"BOB1": floaty(0)} })).await;
-    send_typed(&s.url(""), &alice, "m.room_key_request", "a2", json!({ &bob_id: {"*": floaty(1)} })).await;
+    send_typed(
+        &s.url(""),
+        &alice,
+        "m.room_key_request",
+        "a1",
+        json!({ &bob_id: {"BOB1": floaty(0)} }),
+    )
+    .await;
+    send_typed(
+        &s.url(""),
+        &alice,
+        "m.room_key_request",
+        "a2",
+        json!({ &bob_id: {"*": floaty(1)} }),
+    )
+    .await;
 
     let ev1 = sync_events(&c.base(), &bob1, 2, Duration::from_secs(60)).await;
     let ev2 = sync_events(&c.base(), &bob2, 1, Duration::from_secs(30)).await;
@@ -70,17 +95,30 @@ async fn synapse_to_courier_device_and_star_with_floats() {
 
 #[tokio::test]
 async fn courier_to_synapse_exactly_once_with_floats() {
-    let Some(venv) = venv_or_skip("courier_to_synapse_exactly_once_with_floats") else { return };
+    let Some(venv) = venv_or_skip("courier_to_synapse_exactly_once_with_floats") else {
+        return;
+    };
     let c = Courier::start().await;
     let s = Synapse::start(&venv);
     let bob_id = format!("@bob:{}", c.server_name);
     let bob = device(&c, &bob_id, "BOB").await;
     let (alice_id, alice) = s.register("alice", "ALICEDEV");
 
-    send_typed(&c.base(), &bob, "m.room_key_request", "b1", json!({ &alice_id: {"ALICEDEV": floaty(7)} })).await;
+    send_typed(
+        &c.base(),
+        &bob,
+        "m.room_key_request",
+        "b1",
+        json!({ &alice_id: {"ALICEDEV": floaty(7)} }),
+    )
+    .await;
     send_many(&c.base(), &bob, &alice_id, "ALICEDEV", 0..5).await;
-    let events = sync_events(&s.url(""), &alice, 6, Duration::from_secs(60)).await;
-    let f: Vec<&Value> = events.iter().filter(|e| e["type"] == "m.room_key_request").collect();
+    let (events, since) =
+        sync_events_from(&s.url(""), &alice, None, 6, Duration::from_secs(60)).await;
+    let f: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "m.room_key_request")
+        .collect();
     assert_eq!(f.len(), 1, "{events:?}\ncourier log:\n{}", c.log());
     assert_eq!(f[0]["sender"], bob_id.as_str());
     assert_floaty(&f[0]["content"], 7);
@@ -91,14 +129,16 @@ async fn courier_to_synapse_exactly_once_with_floats() {
         .collect();
     assert_exactly_once(&ns, 5);
     // Nothing more arrives later (no duplicate delivery).
-    let later = sync_events(&s.url(""), &alice, 1, Duration::from_secs(3)).await;
+    let (later, _) = sync_events_from(&s.url(""), &alice, since, 1, Duration::from_secs(3)).await;
     assert!(later.is_empty(), "{later:?}");
     assert_clean_logs(&c, &s);
 }
 
 #[tokio::test]
 async fn synapse_outage_backs_off_and_delivers_once() {
-    let Some(venv) = venv_or_skip("synapse_outage_backs_off_and_delivers_once") else { return };
+    let Some(venv) = venv_or_skip("synapse_outage_backs_off_and_delivers_once") else {
+        return;
+    };
     let c = Courier::start_with(
         "[federation]\nallow_private_destinations = true\nverify_certificates = false\nbackoff_initial = \"300ms\"\nbackoff_max = \"2s\"\n",
     )
@@ -115,7 +155,11 @@ async fn synapse_outage_backs_off_and_delivers_once() {
     send_many(&c.base(), &bob, &alice_id, "ALICEDEV", 3..30).await;
     let end = Instant::now() + Duration::from_secs(30);
     while !c.log().contains("backing off") {
-        assert!(Instant::now() < end, "courier did not back off:\n{}", c.log());
+        assert!(
+            Instant::now() < end,
+            "courier did not back off:\n{}",
+            c.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.restart();
@@ -130,7 +174,9 @@ async fn synapse_outage_backs_off_and_delivers_once() {
 
 #[tokio::test]
 async fn a_signing_key_moved_from_synapse_is_published_unchanged() {
-    let Some(venv) = venv_or_skip("a_signing_key_moved_from_synapse_is_published_unchanged") else { return };
+    let Some(venv) = venv_or_skip("a_signing_key_moved_from_synapse_is_published_unchanged") else {
+        return;
+    };
     let s = Synapse::start(&venv);
     let synapse_keys: Value = common::insecure_client()
         .get(s.url("/_matrix/key/v2/server"))
@@ -148,10 +194,29 @@ async fn a_signing_key_moved_from_synapse_is_published_unchanged() {
     std::fs::write(dir.path().join("keys/signing.key"), &key_text).unwrap();
     let mut c = Courier::start().await;
     c.kill();
-    std::fs::copy(dir.path().join("keys/signing.key"), c.dir.path().join("keys/signing.key")).unwrap();
+    std::fs::copy(
+        dir.path().join("keys/signing.key"),
+        c.dir.path().join("keys/signing.key"),
+    )
+    .unwrap();
     c.spawn().await;
-    let ours: Value = c.pinned_client().get(c.url("/_matrix/key/v2/server")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(ours["verify_keys"], synapse_keys["verify_keys"], "same key id and public key as Synapse published");
+    let ours: Value = c
+        .pinned_client()
+        .get(c.url("/_matrix/key/v2/server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ours["verify_keys"], synapse_keys["verify_keys"],
+        "same key id and public key as Synapse published"
+    );
     let version = key_text.split_whitespace().nth(1).unwrap();
-    assert!(ours["verify_keys"].get(format!("ed25519:{version}")).is_some());
+    assert!(
+        ours["verify_keys"]
+            .get(format!("ed25519:{version}"))
+            .is_some()
+    );
 }

@@ -33,7 +33,11 @@ pub async fn authenticate(
             last_err = ApiError::unauthorized("Authorization header is not ASCII");
             continue;
         };
-        if !text.trim_start().to_ascii_lowercase().starts_with("x-matrix") {
+        if !text
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("x-matrix")
+        {
             continue;
         }
         let x = match xmatrix::parse(text) {
@@ -65,7 +69,15 @@ pub async fn authenticate(
                 continue;
             }
         };
-        match xmatrix::verify_request(&x, method.as_str(), path, ours, content, &key, NumberMode::Python) {
+        match xmatrix::verify_request(
+            &x,
+            method.as_str(),
+            path,
+            ours,
+            content,
+            &key,
+            NumberMode::Python,
+        ) {
             Ok(()) => {
                 app.sender.peer_is_up(origin.as_str());
                 return Ok(origin);

@@ -74,7 +74,8 @@ impl FederationClient {
         key: Arc<SigningKey>,
         config: &crate::config::Federation,
     ) -> Result<Self, reqwest::Error> {
-        let mut discovery = Discovery::new(config.overrides.clone(), config.allow_private_destinations);
+        let mut discovery =
+            Discovery::new(config.overrides.clone(), config.allow_private_destinations);
         let build = |timeout: Duration| {
             reqwest::Client::builder()
                 .dns_resolver(discovery.resolver())
@@ -122,12 +123,18 @@ impl FederationClient {
             signing::canonical::NumberMode::Python,
         )
         .map_err(|e| RequestError::Sign(e.to_string()))?;
-        self.send(destination, method, path, body, Some(header)).await
+        self.send(destination, method, path, body, Some(header))
+            .await
     }
 
     /// Sends an unsigned request (key fetches).
-    pub async fn get_unsigned(&self, destination: &ServerName, path: &str) -> Result<Reply, RequestError> {
-        self.send(destination, reqwest::Method::GET, path, None, None).await
+    pub async fn get_unsigned(
+        &self,
+        destination: &ServerName,
+        path: &str,
+    ) -> Result<Reply, RequestError> {
+        self.send(destination, reqwest::Method::GET, path, None, None)
+            .await
     }
 
     async fn send(

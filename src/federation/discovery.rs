@@ -29,7 +29,9 @@ pub struct Endpoint {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("{0}: destination address is private or loopback (federation.allow_private_destinations is off)")]
+    #[error(
+        "{0}: destination address is private or loopback (federation.allow_private_destinations is off)"
+    )]
     Forbidden(String),
     #[error("{0}: cannot resolve: {1}")]
     Resolve(String, String),
@@ -203,8 +205,8 @@ impl Discovery {
             Err(ttl) => (None, ttl),
         };
         let target = delegated.as_deref().unwrap_or(host);
-        let (t_host, t_port) =
-            split_host_port(target).ok_or_else(|| DiscoveryError::Resolve(target.into(), "bad delegation".into()))?;
+        let (t_host, t_port) = split_host_port(target)
+            .ok_or_else(|| DiscoveryError::Resolve(target.into(), "bad delegation".into()))?;
         if let Some(ip) = Self::literal_ip(t_host) {
             self.check_ip(name.as_str(), ip)?;
             let port = t_port.unwrap_or(8448);
@@ -277,7 +279,10 @@ impl Discovery {
     }
 
     async fn srv(&self, host: &str) -> Option<Vec<SocketAddr>> {
-        let resolver = hickory_resolver::TokioResolver::builder_tokio().ok()?.build().ok()?;
+        let resolver = hickory_resolver::TokioResolver::builder_tokio()
+            .ok()?
+            .build()
+            .ok()?;
         for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
             let Ok(lookup) = resolver.srv_lookup(format!("{service}.{host}.")).await else {
                 continue;
@@ -339,7 +344,19 @@ mod tests {
 
     #[test]
     fn private_ranges() {
-        for p in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.1.1", "0.0.0.0", "100.64.0.1", "::1", "fc00::1", "fe80::1", "::ffff:127.0.0.1"] {
+        for p in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(is_private(p.parse().unwrap()), "{p}");
         }
         for p in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
@@ -350,39 +367,71 @@ mod tests {
     #[tokio::test]
     async fn ip_literals_connect_directly_and_are_guarded() {
         let name = ServerName::parse("127.0.0.1:8448").unwrap();
-        assert!(matches!(d(false, &[]).resolve(&name).await, Err(DiscoveryError::Forbidden(_))));
+        assert!(matches!(
+            d(false, &[]).resolve(&name).await,
+            Err(DiscoveryError::Forbidden(_))
+        ));
         let ep = d(true, &[]).resolve(&name).await.unwrap();
         assert_eq!(ep.authority, "127.0.0.1:8448");
-        let ep = d(true, &[]).resolve(&ServerName::parse("[::1]").unwrap()).await.unwrap();
+        let ep = d(true, &[])
+            .resolve(&ServerName::parse("[::1]").unwrap())
+            .await
+            .unwrap();
         assert_eq!(ep.authority, "[::1]:8448");
-        let ep = d(false, &[]).resolve(&ServerName::parse("8.8.8.8").unwrap()).await.unwrap();
+        let ep = d(false, &[])
+            .resolve(&ServerName::parse("8.8.8.8").unwrap())
+            .await
+            .unwrap();
         assert_eq!(ep.authority, "8.8.8.8:8448");
     }
 
     #[tokio::test]
     async fn explicit_port_skips_delegation() {
-        let ep = d(false, &[]).resolve(&ServerName::parse("example.org:443").unwrap()).await.unwrap();
-        assert_eq!(ep, Endpoint { authority: "example.org:443".into(), host_header: None });
+        let ep = d(false, &[])
+            .resolve(&ServerName::parse("example.org:443").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            ep,
+            Endpoint {
+                authority: "example.org:443".into(),
+                host_header: None
+            }
+        );
     }
 
     #[tokio::test]
     async fn overrides_win_and_keep_the_host_header() {
         let o = [("example.org", "10.0.0.5:8448")];
-        let ep = d(true, &o).resolve(&ServerName::parse("example.org").unwrap()).await.unwrap();
+        let ep = d(true, &o)
+            .resolve(&ServerName::parse("example.org").unwrap())
+            .await
+            .unwrap();
         assert_eq!(ep.authority, "10.0.0.5:8448");
         assert_eq!(ep.host_header.as_deref(), Some("example.org"));
-        assert!(d(false, &o).resolve(&ServerName::parse("example.org").unwrap()).await.is_err());
+        assert!(
+            d(false, &o)
+                .resolve(&ServerName::parse("example.org").unwrap())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
     async fn resolver_refuses_private_addresses() {
         use reqwest::dns::Resolve;
         let disc = d(false, &[]);
-        disc.pins.lock().unwrap().insert("evil.test".into(), vec!["127.0.0.1:443".parse().unwrap()]);
+        disc.pins
+            .lock()
+            .unwrap()
+            .insert("evil.test".into(), vec!["127.0.0.1:443".parse().unwrap()]);
         let name: reqwest::dns::Name = "evil.test".parse().unwrap();
         assert!(disc.resolver().resolve(name).await.is_err());
         let disc = d(true, &[]);
-        disc.pins.lock().unwrap().insert("ok.test".into(), vec!["127.0.0.1:443".parse().unwrap()]);
+        disc.pins
+            .lock()
+            .unwrap()
+            .insert("ok.test".into(), vec!["127.0.0.1:443".parse().unwrap()]);
         let name: reqwest::dns::Name = "ok.test".parse().unwrap();
         assert_eq!(disc.resolver().resolve(name).await.unwrap().count(), 1);
     }

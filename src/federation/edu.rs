@@ -28,7 +28,11 @@ pub fn new_message_id() -> String {
 
 /// Serialized `m.direct_to_device` EDUs carrying `messages` (user -> device -> content)
 /// from `sender`, packed so each stays under `SOFT_MAX_EDU_BYTES` where it can.
-pub fn pack_to_device(sender: &str, event_type: &str, messages: &Map<String, Value>) -> Vec<Vec<u8>> {
+pub fn pack_to_device(
+    sender: &str,
+    event_type: &str,
+    messages: &Map<String, Value>,
+) -> Vec<Vec<u8>> {
     // Flatten into (user, device, content, size) units, in order.
     let mut units: Vec<(&str, &str, &Value, usize)> = Vec::new();
     for (user, devices) in messages {
@@ -112,7 +116,12 @@ pub fn parse_to_device<'a>(edu: &'a Value, origin: &str) -> Result<ToDevice<'a>,
         .get("content")
         .and_then(Value::as_object)
         .ok_or(EduError::Shape)?;
-    let s = |f: &'static str| content.get(f).and_then(Value::as_str).ok_or(EduError::Field(f));
+    let s = |f: &'static str| {
+        content
+            .get(f)
+            .and_then(Value::as_str)
+            .ok_or(EduError::Field(f))
+    };
     let sender = s("sender")?;
     let event_type = s("type")?;
     let message_id = s("message_id")?;
@@ -187,7 +196,12 @@ mod tests {
         assert_eq!(count(&edus), 100);
         let ids: std::collections::HashSet<String> = edus
             .iter()
-            .map(|e| serde_json::from_slice::<Value>(e).unwrap()["content"]["message_id"].as_str().unwrap().to_owned())
+            .map(|e| {
+                serde_json::from_slice::<Value>(e).unwrap()["content"]["message_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
         assert_eq!(ids.len(), edus.len(), "each split has its own message_id");
     }
@@ -195,7 +209,10 @@ mod tests {
     #[test]
     fn a_huge_message_travels_alone() {
         let mut m = messages(1, 1, 10);
-        m.insert("@big:b.test".into(), json!({"D": {"body": "y".repeat(100_000)}}));
+        m.insert(
+            "@big:b.test".into(),
+            json!({"D": {"body": "y".repeat(100_000)}}),
+        );
         let edus = pack_to_device("@a:a.test", "m.t", &m);
         assert_eq!(edus.len(), 2);
         assert_eq!(count(&edus), 2);
@@ -205,16 +222,28 @@ mod tests {
     fn inbound_validation() {
         let ok = json!({"edu_type": DIRECT_TO_DEVICE, "content": {"sender": "@a:o.test", "type": "m.t", "message_id": "abc", "messages": {}}});
         assert!(parse_to_device(&ok, "o.test").is_ok());
-        assert!(matches!(parse_to_device(&ok, "evil.test"), Err(EduError::Spoofed { .. })));
+        assert!(matches!(
+            parse_to_device(&ok, "evil.test"),
+            Err(EduError::Spoofed { .. })
+        ));
         let mut bad = ok.clone();
         bad["content"]["message_id"] = json!("x".repeat(33));
         assert_eq!(parse_to_device(&bad, "o.test"), Err(EduError::MessageId));
         let mut bad = ok.clone();
         bad["content"]["messages"] = json!([]);
-        assert_eq!(parse_to_device(&bad, "o.test"), Err(EduError::Field("messages")));
-        assert_eq!(parse_to_device(&json!({"edu_type": 1}), "o.test"), Err(EduError::Shape));
+        assert_eq!(
+            parse_to_device(&bad, "o.test"),
+            Err(EduError::Field("messages"))
+        );
+        assert_eq!(
+            parse_to_device(&json!({"edu_type": 1}), "o.test"),
+            Err(EduError::Shape)
+        );
         let mut bad = ok.clone();
         bad["content"]["sender"] = json!("nobody");
-        assert_eq!(parse_to_device(&bad, "o.test"), Err(EduError::Field("sender")));
+        assert_eq!(
+            parse_to_device(&bad, "o.test"),
+            Err(EduError::Field("sender"))
+        );
     }
 }

@@ -44,7 +44,11 @@ impl InFlight {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        self.set.origins.lock().expect("inflight").remove(&self.origin);
+        self.set
+            .origins
+            .lock()
+            .expect("inflight")
+            .remove(&self.origin);
     }
 }
 
@@ -101,7 +105,9 @@ pub async fn accept(
                 continue;
             }
         };
-        if message_ids.contains(&td.message_id) || store.seen(Marker::MessageId, &[origin, td.message_id])? {
+        if message_ids.contains(&td.message_id)
+            || store.seen(Marker::MessageId, &[origin, td.message_id])?
+        {
             out.duplicate_edus += 1;
             metrics::counter!("courier_inbound_edus_duplicate_total").increment(1);
             continue;
@@ -148,7 +154,11 @@ pub async fn accept(
     out.delivered = entries.len();
     for (user, device, event) in entries {
         woken.insert((user.clone(), device.clone()));
-        ops.push(Append::Inbox { user, device, event });
+        ops.push(Append::Inbox {
+            user,
+            device,
+            event,
+        });
     }
     out.woken = woken.into_iter().collect();
     for m in &message_ids {
@@ -186,7 +196,11 @@ mod tests {
             to_device("@a:evil", "m2", json!({"@bob:me": {"B1": {"n": 2}}})),
             json!({"edu_type": "m.typing", "content": {}}),
             json!("garbage"),
-            to_device("@a:o", "m3", json!({"@bob:me": {"B1": {"n": 3}, "NOPE": {}}, "@carol:me": {"X": {}}, "@x:other": {"Y": {}}})),
+            to_device(
+                "@a:o",
+                "m3",
+                json!({"@bob:me": {"B1": {"n": 3}, "NOPE": {}}, "@carol:me": {"X": {}}, "@x:other": {"Y": {}}}),
+            ),
         ];
         let acc = accept(&s, "me", "o", "t1", &edus).await.unwrap().unwrap();
         assert_eq!(acc.delivered, 3, "2 from *, 1 to B1");
@@ -198,11 +212,17 @@ mod tests {
         // The same transaction again is not processed.
         assert!(accept(&s, "me", "o", "t1", &edus).await.unwrap().is_none());
         // A new transaction repeating a message_id delivers nothing new.
-        let acc = accept(&s, "me", "o", "t2", &edus[..1]).await.unwrap().unwrap();
+        let acc = accept(&s, "me", "o", "t2", &edus[..1])
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((acc.delivered, acc.duplicate_edus), (0, 1));
         assert_eq!(s.inbox_len("@bob:me", "B1").unwrap(), 2);
         let page = s.inbox_page("@bob:me", "B1", 0, 10).unwrap();
         let ev: Value = serde_json::from_slice(&page[0].1).unwrap();
-        assert_eq!(ev, json!({"sender": "@a:o", "type": "m.t", "content": {"n": 1}}));
+        assert_eq!(
+            ev,
+            json!({"sender": "@a:o", "type": "m.t", "content": {"n": 1}})
+        );
     }
 }

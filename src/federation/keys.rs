@@ -165,7 +165,11 @@ fn parse(server: &ServerName, key_id: &str, b64: &str) -> Result<VerifyingKey, K
 
 /// Checks a `/_matrix/key/v2/server` response for `server` and returns its
 /// `verify_keys`, with validity capped at `now` + 7 days.
-pub fn check_key_response(server: &str, body: &Value, now: u64) -> Result<Vec<(String, CachedKey)>, KeyError> {
+pub fn check_key_response(
+    server: &str,
+    body: &Value,
+    now: u64,
+) -> Result<Vec<(String, CachedKey)>, KeyError> {
     let invalid = |detail: &str| KeyError::Invalid {
         server: server.to_owned(),
         detail: detail.to_owned(),
@@ -237,7 +241,8 @@ mod tests {
     #[test]
     fn validity_is_capped_at_seven_days() {
         let far = 10 * MAX_KEY_LIFETIME_MS;
-        let keys = check_key_response("a.test", &our_server_keys("a.test", &key(), far), 1).unwrap();
+        let keys =
+            check_key_response("a.test", &our_server_keys("a.test", &key(), far), 1).unwrap();
         assert_eq!(keys[0].1.valid_until_ts, 1 + MAX_KEY_LIFETIME_MS);
     }
 

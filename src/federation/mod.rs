@@ -5,6 +5,7 @@
 //! - [`keys`]: our published keys and the cache of other servers' keys.
 //! - [`routes`]: the federation HTTP endpoints courier serves.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod discovery;
@@ -12,5 +13,5 @@ pub mod edu;
 pub mod inbound;
 pub mod keys;
 pub mod retry;
-pub mod sender;
 pub mod routes;
+pub mod sender;

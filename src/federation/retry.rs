@@ -72,7 +72,10 @@ mod tests {
     #[test]
     fn schedule_grows_then_caps() {
         let mid: Vec<u64> = (1..=12).map(|n| P.delay(n, 0.5).as_secs()).collect();
-        assert_eq!(mid, vec![5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 7200]);
+        assert_eq!(
+            mid,
+            vec![5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 7200]
+        );
         assert_eq!(P.delay(1000, 0.5), Duration::from_secs(7200));
     }
 
@@ -82,7 +85,10 @@ mod tests {
             for j in [0.0, 0.3, 0.999] {
                 let d = P.delay(n, j).as_secs_f64();
                 let mid = P.delay(n, 0.5).as_secs_f64();
-                assert!(d >= mid * 0.8 - 1e-9 && d <= (mid * 1.2).min(7200.0) + 1e-9, "{n} {j} {d}");
+                assert!(
+                    d >= mid * 0.8 - 1e-9 && d <= (mid * 1.2).min(7200.0) + 1e-9,
+                    "{n} {j} {d}"
+                );
             }
         }
         assert!(P.delay(1, 0.0) < P.delay(1, 0.99));

@@ -28,7 +28,10 @@ pub fn router() -> Router<App> {
         .route("/_matrix/key/v2/server", get(server_keys))
         .route("/_matrix/federation/v1/version", get(version))
         .route("/_matrix/federation/v1/send/{txn_id}", put(send))
-        .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
+        .route(
+            "/_matrix/federation/v1/user/devices/{user_id}",
+            get(user_devices),
+        )
         .route("/_matrix/federation/v1/user/keys/query", post(keys_query))
 }
 
@@ -72,7 +75,9 @@ async fn send(
         .as_object()
         .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
     if obj.get("origin").and_then(Value::as_str) != Some(origin.as_str()) {
-        return Err(ApiError::forbidden("transaction origin does not match the signing server"));
+        return Err(ApiError::forbidden(
+            "transaction origin does not match the signing server",
+        ));
     }
     let empty = Vec::new();
     let list = |field: &str| -> Result<&Vec<Value>, ApiError> {
@@ -92,10 +97,24 @@ async fn send(
         )));
     }
     let _guard = app.inbound_inflight.enter(origin.as_str()).ok_or_else(|| {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "M_UNKNOWN", "too many concurrent transactions")
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "M_UNKNOWN",
+            "too many concurrent transactions",
+        )
     })?;
-    match inbound::accept(&app.store, app.config.server_name.as_str(), origin.as_str(), &txn_id, edus).await? {
-        None => tracing::debug!(origin = %origin, txn = %txn_id, "repeated transaction; already processed"),
+    match inbound::accept(
+        &app.store,
+        app.config.server_name.as_str(),
+        origin.as_str(),
+        &txn_id,
+        edus,
+    )
+    .await?
+    {
+        None => {
+            tracing::debug!(origin = %origin, txn = %txn_id, "repeated transaction; already processed")
+        }
         Some(acc) => {
             for (user, device) in &acc.woken {
                 app.notifier.wake_device(user, device);
@@ -130,7 +149,8 @@ fn pdu_results(pdus: &[Value]) -> Map<String, Value> {
 
 /// Checks that `user_id` is a user of ours.
 fn local_user(app: &App, user_id: &str) -> Result<(), ApiError> {
-    let uid = crate::ids::UserId::parse(user_id).map_err(|e| ApiError::invalid_param(e.to_string()))?;
+    let uid =
+        crate::ids::UserId::parse(user_id).map_err(|e| ApiError::invalid_param(e.to_string()))?;
     if uid.server_name() != app.config.server_name.as_str() {
         return Err(ApiError::forbidden("not a user of this server"));
     }
@@ -153,7 +173,9 @@ async fn user_devices(
         .into_iter()
         .map(|d| json!({"device_id": d}))
         .collect();
-    Ok(Json(json!({"user_id": user_id, "stream_id": 0, "devices": devices})))
+    Ok(Json(
+        json!({"user_id": user_id, "stream_id": 0, "devices": devices}),
+    ))
 }
 
 /// `POST /_matrix/federation/v1/user/keys/query`: courier holds no E2E keys, so

@@ -104,15 +104,25 @@ impl Sender {
         }
         let dests = self.inner.store.destinations_with_work()?;
         if !dests.is_empty() {
-            tracing::info!(destinations = dests.len(), "resuming delivery of queued EDUs");
+            tracing::info!(
+                destinations = dests.len(),
+                "resuming delivery of queued EDUs"
+            );
         }
         let now = Instant::now();
         for (i, dest) in dests.into_iter().enumerate() {
             let st = self.inner.store.dest_state(&dest)?;
             if st.failures > 0 {
-                self.inner.backing_off.lock().expect("backing_off").insert(dest.clone());
+                self.inner
+                    .backing_off
+                    .lock()
+                    .expect("backing_off")
+                    .insert(dest.clone());
             }
-            let _ = self.inner.timers.send((now + STARTUP_STAGGER * i as u32, dest));
+            let _ = self
+                .inner
+                .timers
+                .send((now + STARTUP_STAGGER * i as u32, dest));
         }
         Ok(())
     }
@@ -136,13 +146,23 @@ impl Sender {
     /// An authenticated request came from `dest`: it is evidently up. Resets its
     /// backoff and wakes its queue.
     pub fn peer_is_up(&self, dest: &str) {
-        if !self.inner.backing_off.lock().expect("backing_off").remove(dest) {
+        if !self
+            .inner
+            .backing_off
+            .lock()
+            .expect("backing_off")
+            .remove(dest)
+        {
             return;
         }
         let store = &self.inner.store;
         match store.dest_state(dest) {
             Ok(mut st) if st.failures > 0 || st.next_attempt_ts > 0 => {
-                tracing::info!(destination = dest, failures = st.failures, "destination is back: backoff reset");
+                tracing::info!(
+                    destination = dest,
+                    failures = st.failures,
+                    "destination is back: backoff reset"
+                );
                 st.failures = 0;
                 st.next_attempt_ts = 0;
                 let mut b = Batch::new();
@@ -153,7 +173,9 @@ impl Sender {
                 metrics::counter!("courier_backoff_resets_total").increment(1);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(destination = dest, error = %e, "cannot read destination state"),
+            Err(e) => {
+                tracing::warn!(destination = dest, error = %e, "cannot read destination state")
+            }
         }
         self.wake(dest);
     }
@@ -174,7 +196,10 @@ impl Sender {
                 }
                 Err(StepError::Store(e)) => {
                     tracing::error!(destination = %dest, error = %e, "store error in delivery; retrying in 5s");
-                    let _ = self.inner.timers.send((Instant::now() + Duration::from_secs(5), dest.clone()));
+                    let _ = self
+                        .inner
+                        .timers
+                        .send((Instant::now() + Duration::from_secs(5), dest.clone()));
                 }
                 Err(StepError::Fatal(e)) => {
                     tracing::error!(destination = %dest, error = %e, "cannot deliver to this destination");
@@ -191,12 +216,21 @@ impl Sender {
     }
 
     /// One attempt: build (or rebuild) the transaction, send it, act on the answer.
-    async fn step(&self, dest: &str, name: &ServerName, max_edus: &mut usize) -> Result<Step, StepError> {
+    async fn step(
+        &self,
+        dest: &str,
+        name: &ServerName,
+        max_edus: &mut usize,
+    ) -> Result<Step, StepError> {
         let store = &self.inner.store;
         let mut st = store.dest_state(dest)?;
         let now = now_ms();
         if st.next_attempt_ts > now {
-            self.inner.backing_off.lock().expect("backing_off").insert(dest.to_owned());
+            self.inner
+                .backing_off
+                .lock()
+                .expect("backing_off")
+                .insert(dest.to_owned());
             return Ok(Step::BackOff(
                 Instant::now() + Duration::from_millis(st.next_attempt_ts - now),
             ));
@@ -207,12 +241,24 @@ impl Sender {
                 let edus = store.outbox_head(dest, usize::MAX, usize::MAX, Some(inf.last_seq))?;
                 if edus.is_empty() {
                     st.inflight = None;
-                    continue_fresh(store, dest, &mut st, *max_edus, self.inner.config.max_transaction_bytes)?
+                    continue_fresh(
+                        store,
+                        dest,
+                        &mut st,
+                        *max_edus,
+                        self.inner.config.max_transaction_bytes,
+                    )?
                 } else {
                     (inf, edus)
                 }
             }
-            None => continue_fresh(store, dest, &mut st, *max_edus, self.inner.config.max_transaction_bytes)?,
+            None => continue_fresh(
+                store,
+                dest,
+                &mut st,
+                *max_edus,
+                self.inner.config.max_transaction_bytes,
+            )?,
         };
         if edus.is_empty() {
             if st.inflight.is_some() || st.failures > 0 {
@@ -235,9 +281,17 @@ impl Sender {
         });
         let path = format!(
             "/_matrix/federation/v1/send/{}",
-            percent_encoding::utf8_percent_encode(&inflight.txn_id, percent_encoding::NON_ALPHANUMERIC)
+            percent_encoding::utf8_percent_encode(
+                &inflight.txn_id,
+                percent_encoding::NON_ALPHANUMERIC
+            )
         );
-        let _permit = self.inner.permits.acquire().await.map_err(|e| StepError::Fatal(e.to_string()))?;
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| StepError::Fatal(e.to_string()))?;
         let reply = self
             .inner
             .client
@@ -262,7 +316,11 @@ impl Sender {
                 st.last_error = None;
                 store.put_dest_state(&mut b, dest, &st);
                 store.commit_unsynced(b)?;
-                self.inner.backing_off.lock().expect("backing_off").remove(dest);
+                self.inner
+                    .backing_off
+                    .lock()
+                    .expect("backing_off")
+                    .remove(dest);
                 *max_edus = MAX_EDUS_PER_TXN;
                 metrics::counter!("courier_transactions_sent_total").increment(1);
                 metrics::counter!("courier_edus_sent_total").increment(edus.len() as u64);
@@ -285,7 +343,11 @@ impl Sender {
                 let mut b = Batch::new();
                 store.put_dest_state(&mut b, dest, &st);
                 store.commit_unsynced(b)?;
-                self.inner.backing_off.lock().expect("backing_off").insert(dest.to_owned());
+                self.inner
+                    .backing_off
+                    .lock()
+                    .expect("backing_off")
+                    .insert(dest.to_owned());
                 metrics::counter!("courier_transaction_failures_total").increment(1);
                 tracing::warn!(
                     destination = dest,

@@ -41,13 +41,20 @@ const MAX_FILE_BYTES: u64 = 64 * 1024;
 pub enum KeyFileError {
     /// Reading, creating or writing the file failed.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// [`write_new`] found a file already there.
     #[error("{}: refusing to overwrite an existing signing key file", path.display())]
     AlreadyExists { path: PathBuf },
     /// A line that is not `ed25519 <version> <base64 seed>`.
     #[error("{}, line {line}: {reason}", path.display())]
-    BadLine { path: PathBuf, line: usize, reason: String },
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     /// The file holds no `ed25519` key.
     #[error("{}: no ed25519 signing key in file", path.display())]
     NoKey { path: PathBuf },
@@ -59,10 +66,15 @@ pub enum KeyFileError {
 /// Reads the first ed25519 key from the Synapse-format key file at `path`.
 pub fn read(path: impl AsRef<Path>) -> Result<SigningKey, KeyFileError> {
     let path = path.as_ref();
-    let io = |source| KeyFileError::Io { path: path.to_owned(), source };
+    let io = |source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let meta = fs::metadata(path).map_err(io)?;
     if meta.len() > MAX_FILE_BYTES {
-        return Err(KeyFileError::TooLarge { path: path.to_owned() });
+        return Err(KeyFileError::TooLarge {
+            path: path.to_owned(),
+        });
     }
     let text = fs::read_to_string(path).map_err(io)?;
     parse(&text, path)
@@ -72,7 +84,11 @@ pub fn read(path: impl AsRef<Path>) -> Result<SigningKey, KeyFileError> {
 pub fn parse(text: &str, path: &Path) -> Result<SigningKey, KeyFileError> {
     let mut found = None;
     for (index, line) in text.lines().enumerate() {
-        let bad = |reason: String| KeyFileError::BadLine { path: path.to_owned(), line: index + 1, reason };
+        let bad = |reason: String| KeyFileError::BadLine {
+            path: path.to_owned(),
+            line: index + 1,
+            reason,
+        };
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [algorithm, version, seed_b64] = fields[..] else {
             if fields.is_empty() {
@@ -92,25 +108,36 @@ pub fn parse(text: &str, path: &Path) -> Result<SigningKey, KeyFileError> {
             continue;
         }
         if !is_valid_key_version(version) {
-            return Err(bad(format!("invalid key version {version:?}: expected [a-zA-Z0-9_]+")));
+            return Err(bad(format!(
+                "invalid key version {version:?}: expected [a-zA-Z0-9_]+"
+            )));
         }
         // Python's decoder also takes the URL-safe alphabet; map it over.
         let seed_b64 = seed_b64.replace('-', "+").replace('_', "/");
-        let seed = decode_base64(&seed_b64).map_err(|_| bad("the seed is not valid base64".into()))?;
-        let seed: [u8; 32] = seed
-            .as_slice()
-            .try_into()
-            .map_err(|_| bad(format!("the seed is {} bytes long, expected 32", seed.len())))?;
+        let seed =
+            decode_base64(&seed_b64).map_err(|_| bad("the seed is not valid base64".into()))?;
+        let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| {
+            bad(format!(
+                "the seed is {} bytes long, expected 32",
+                seed.len()
+            ))
+        })?;
         let key = SigningKey::from_seed(version, seed).map_err(|e: KeyError| bad(e.to_string()))?;
         found.get_or_insert(key);
     }
-    found.ok_or_else(|| KeyFileError::NoKey { path: path.to_owned() })
+    found.ok_or_else(|| KeyFileError::NoKey {
+        path: path.to_owned(),
+    })
 }
 
 /// The key file line for `key`, newline included, exactly as Synapse writes it.
 /// It contains the secret seed.
 pub(crate) fn format_line(key: &SigningKey) -> String {
-    format!("{ED25519} {} {}\n", key.version(), encode_base64(&key.seed()))
+    format!(
+        "{ED25519} {} {}\n",
+        key.version(),
+        encode_base64(&key.seed())
+    )
 }
 
 /// Writes `key` to a new file at `path`, creating missing parent directories.
@@ -121,7 +148,10 @@ pub(crate) fn format_line(key: &SigningKey) -> String {
 /// file is removed.
 pub fn write_new(path: impl AsRef<Path>, key: &SigningKey) -> Result<(), KeyFileError> {
     let path = path.as_ref();
-    let io = |source| KeyFileError::Io { path: path.to_owned(), source };
+    let io = |source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(io)?;
     }
@@ -132,11 +162,15 @@ pub fn write_new(path: impl AsRef<Path>, key: &SigningKey) -> Result<(), KeyFile
     let mut file = match options.open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(KeyFileError::AlreadyExists { path: path.to_owned() });
+            return Err(KeyFileError::AlreadyExists {
+                path: path.to_owned(),
+            });
         }
         Err(e) => return Err(io(e)),
     };
-    let written = file.write_all(format_line(key).as_bytes()).and_then(|()| file.sync_all());
+    let written = file
+        .write_all(format_line(key).as_bytes())
+        .and_then(|()| file.sync_all());
     if let Err(e) = written {
         drop(file);
         let _ = fs::remove_file(path);
@@ -170,7 +204,11 @@ mod tests {
         let got = parse(text, Path::new("/k/signing.key"));
         match (&got, expected) {
             (Ok(key), Ok((id, public))) => {
-                assert_eq!((key.key_id().as_str(), key.public_key_base64().as_str()), (id, public), "{text:?}")
+                assert_eq!(
+                    (key.key_id().as_str(), key.public_key_base64().as_str()),
+                    (id, public),
+                    "{text:?}"
+                )
             }
             (Err(e), Err(reason)) => {
                 let msg = e.to_string();
@@ -193,20 +231,44 @@ mod tests {
             (format!("ed25519\ta_AbCd   {SPEC_SEED}  \n"), ok),
             (format!("\n  \ned25519 a_AbCd {SPEC_SEED}\n\n"), ok),
             // URL-safe alphabet, as Python's decoder allows ("+" -> "-").
-            (format!("ed25519 a_AbCd {}", SPEC_SEED.replace('+', "-")), ok),
+            (
+                format!("ed25519 a_AbCd {}", SPEC_SEED.replace('+', "-")),
+                ok,
+            ),
             // First ed25519 key wins; unknown algorithms are skipped.
-            (format!("curve448 x AAAA\ned25519 a_AbCd {SPEC_SEED}\ned25519 b {}\n", "A".repeat(43)), ok),
+            (
+                format!(
+                    "curve448 x AAAA\ned25519 a_AbCd {SPEC_SEED}\ned25519 b {}\n",
+                    "A".repeat(43)
+                ),
+                ok,
+            ),
             (String::new(), Err("no ed25519 signing key")),
             ("\n\n".into(), Err("no ed25519 signing key")),
             ("foo 1 AAAA\n".into(), Err("no ed25519 signing key")),
             (SPEC_SEED.into(), Err("line 1: expected 3 fields")),
-            (format!("ed25519 {SPEC_SEED}"), Err("line 1: expected 3 fields")),
-            (format!("\ned25519 a b {SPEC_SEED}"), Err("line 2: expected 3 fields")),
-            (format!("ed25519 a:b {SPEC_SEED}"), Err("invalid key version")),
+            (
+                format!("ed25519 {SPEC_SEED}"),
+                Err("line 1: expected 3 fields"),
+            ),
+            (
+                format!("\ned25519 a b {SPEC_SEED}"),
+                Err("line 2: expected 3 fields"),
+            ),
+            (
+                format!("ed25519 a:b {SPEC_SEED}"),
+                Err("invalid key version"),
+            ),
             ("ed25519 a_AbCd !!!!".into(), Err("not valid base64")),
-            ("ed25519 a_AbCd AAAA".into(), Err("3 bytes long, expected 32")),
+            (
+                "ed25519 a_AbCd AAAA".into(),
+                Err("3 bytes long, expected 32"),
+            ),
             // Later lines are checked even after a key was found.
-            (format!("ed25519 a_AbCd {SPEC_SEED}\ned25519 x\n"), Err("line 2: expected 3 fields")),
+            (
+                format!("ed25519 a_AbCd {SPEC_SEED}\ned25519 x\n"),
+                Err("line 2: expected 3 fields"),
+            ),
         ];
         for (text, want) in table {
             check(&text, want);
@@ -230,14 +292,21 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
 
         let other = SigningKey::generate("other").unwrap();
         let err = write_new(&path, &other).unwrap_err();
         assert!(matches!(err, KeyFileError::AlreadyExists { .. }), "{err}");
         assert!(err.to_string().contains("signing.key"), "{err}");
-        assert_eq!(fs::read_to_string(&path).unwrap(), text, "file was modified");
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            text,
+            "file was modified"
+        );
     }
 
     #[test]
@@ -245,7 +314,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.key");
         let err = read(&missing).unwrap_err();
-        assert!(matches!(err, KeyFileError::Io { .. }) && err.to_string().contains("missing.key"), "{err}");
+        assert!(
+            matches!(err, KeyFileError::Io { .. }) && err.to_string().contains("missing.key"),
+            "{err}"
+        );
 
         let big = dir.path().join("big.key");
         fs::write(&big, vec![b' '; MAX_FILE_BYTES as usize + 1]).unwrap();
@@ -273,10 +345,14 @@ mod tests {
         for _ in 0..50 {
             let v = new_key_version();
             assert_eq!(v.len(), 6, "{v}");
-            assert!(v.starts_with("a_") && v[2..].bytes().all(|b| b.is_ascii_alphabetic()), "{v}");
+            assert!(
+                v.starts_with("a_") && v[2..].bytes().all(|b| b.is_ascii_alphabetic()),
+                "{v}"
+            );
             assert!(is_valid_key_version(&v));
         }
-        let distinct: std::collections::BTreeSet<String> = (0..20).map(|_| new_key_version()).collect();
+        let distinct: std::collections::BTreeSet<String> =
+            (0..20).map(|_| new_key_version()).collect();
         assert!(distinct.len() > 1, "versions are not random: {distinct:?}");
     }
 }

@@ -98,7 +98,10 @@ pub enum KeyError {
 
 /// Checks a key version against the spec's grammar, `[a-zA-Z0-9_]+`.
 pub fn is_valid_key_version(version: &str) -> bool {
-    !version.is_empty() && version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    !version.is_empty()
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Our server's ed25519 signing key, with its version (`ed25519:<version>`).
@@ -128,7 +131,10 @@ impl SigningKey {
         if !is_valid_key_version(version) {
             return Err(KeyError::InvalidVersion(version.to_owned()));
         }
-        Ok(Self { version: version.to_owned(), key: ed25519_dalek::SigningKey::from_bytes(&seed) })
+        Ok(Self {
+            version: version.to_owned(),
+            key: ed25519_dalek::SigningKey::from_bytes(&seed),
+        })
     }
 
     /// `ed25519:<version>`, the name signatures are filed under.
@@ -175,7 +181,10 @@ impl fmt::Debug for SigningKey {
 /// `verify_keys[..].key`.
 pub fn parse_verify_key(b64: &str) -> Result<VerifyingKey, KeyError> {
     let bytes = decode_base64(b64)?;
-    let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::BadLength(bytes.len()))?;
+    let bytes: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyError::BadLength(bytes.len()))?;
     VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::InvalidPoint)
 }
 
@@ -211,13 +220,22 @@ pub enum SignError {
 /// let vk = key.verifying_key();
 /// verify_json(&obj, "example.org", |_| Some(vk), NumberMode::Strict).unwrap();
 /// ```
-pub fn sign_json(obj: &mut Map<String, Value>, entity: &str, key: &SigningKey, mode: NumberMode) -> Result<(), SignError> {
+pub fn sign_json(
+    obj: &mut Map<String, Value>,
+    entity: &str,
+    key: &SigningKey,
+    mode: NumberMode,
+) -> Result<(), SignError> {
     // Check where the signature will go before doing any work.
     match obj.get("signatures") {
         None => {}
         Some(Value::Object(sigs)) => match sigs.get(entity) {
             None | Some(Value::Object(_)) => {}
-            Some(_) => return Err(SignError::MalformedSignatures(format!("signatures.{entity}"))),
+            Some(_) => {
+                return Err(SignError::MalformedSignatures(format!(
+                    "signatures.{entity}"
+                )));
+            }
         },
         Some(_) => return Err(SignError::MalformedSignatures("signatures".into())),
     }
@@ -226,9 +244,13 @@ pub fn sign_json(obj: &mut Map<String, Value>, entity: &str, key: &SigningKey, m
     let canonical = canonical::encode_for_signing(obj, mode)?;
     let signature = key.sign(canonical.as_bytes());
 
-    let sigs = obj.entry("signatures").or_insert_with(|| Value::Object(Map::new()));
+    let sigs = obj
+        .entry("signatures")
+        .or_insert_with(|| Value::Object(Map::new()));
     if let Value::Object(sigs) = sigs
-        && let Value::Object(mine) = sigs.entry(entity).or_insert_with(|| Value::Object(Map::new()))
+        && let Value::Object(mine) = sigs
+            .entry(entity)
+            .or_insert_with(|| Value::Object(Map::new()))
     {
         mine.insert(key.key_id(), Value::String(signature));
     }
@@ -288,7 +310,10 @@ pub fn verify_json(
     };
     let mut supported = mine
         .iter()
-        .filter(|(id, _)| id.strip_prefix(ED25519).is_some_and(|rest| rest.starts_with(':')))
+        .filter(|(id, _)| {
+            id.strip_prefix(ED25519)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
         .peekable();
     let Some((first_id, _)) = supported.peek() else {
         return Err(VerifyError::NoSupportedKey(entity.to_owned()));
@@ -304,7 +329,9 @@ pub fn verify_json(
                 .as_str()
                 .and_then(|s| decode_base64(s).ok())
                 .ok_or_else(|| VerifyError::BadBase64(id.clone()))?;
-            let bytes: [u8; 64] = bytes.try_into().map_err(|_| VerifyError::BadSignature(id.clone()))?;
+            let bytes: [u8; 64] = bytes
+                .try_into()
+                .map_err(|_| VerifyError::BadSignature(id.clone()))?;
             // Encode once, and only once a signature is worth checking.
             if canonical.is_none() {
                 canonical = Some(canonical::encode_for_signing(obj, mode)?);
@@ -363,10 +390,16 @@ mod tests {
     #[test]
     fn spec_key_public_half() {
         let key = spec_key();
-        assert_eq!(key.public_key_base64(), "XGX0JRS2Af3be3knz2fBiRbApjm2Dh61gXDJA8kcJNI");
+        assert_eq!(
+            key.public_key_base64(),
+            "XGX0JRS2Af3be3knz2fBiRbApjm2Dh61gXDJA8kcJNI"
+        );
         assert_eq!(key.key_id(), "ed25519:1");
         assert_eq!(key.version(), "1");
-        assert_eq!(parse_verify_key(&key.public_key_base64()).unwrap(), key.verifying_key());
+        assert_eq!(
+            parse_verify_key(&key.public_key_base64()).unwrap(),
+            key.verifying_key()
+        );
     }
 
     #[test]
@@ -392,9 +425,18 @@ mod tests {
     fn signing_errors_leave_object_unchanged() {
         let key = spec_key();
         let cases = [
-            (json!({"signatures": "nope"}), SignError::MalformedSignatures("signatures".into())),
-            (json!({"signatures": {"domain": []}}), SignError::MalformedSignatures("signatures.domain".into())),
-            (json!({"f": 1.5}), SignError::Canonical(CanonicalError::NotAnInteger("1.5".into()))),
+            (
+                json!({"signatures": "nope"}),
+                SignError::MalformedSignatures("signatures".into()),
+            ),
+            (
+                json!({"signatures": {"domain": []}}),
+                SignError::MalformedSignatures("signatures.domain".into()),
+            ),
+            (
+                json!({"f": 1.5}),
+                SignError::Canonical(CanonicalError::NotAnInteger("1.5".into())),
+            ),
             (
                 json!({"n": 9007199254740992u64}),
                 SignError::Canonical(CanonicalError::IntegerOutOfRange("9007199254740992".into())),
@@ -402,7 +444,10 @@ mod tests {
         ];
         for (input, want) in cases {
             let mut o = obj(input.clone());
-            assert_eq!(sign_json(&mut o, "domain", &key, NumberMode::Strict), Err(want));
+            assert_eq!(
+                sign_json(&mut o, "domain", &key, NumberMode::Strict),
+                Err(want)
+            );
             assert_eq!(Value::Object(o), input);
         }
         // Python mode signs what Strict refuses.
@@ -416,7 +461,12 @@ mod tests {
     /// key as `ed25519:1`.
     fn check_verify(input: Value, expected: Result<(), VerifyError>) {
         let vk = spec_key().verifying_key();
-        let got = verify_json(&obj(input.clone()), "domain", |id| (id == "ed25519:1").then_some(vk), NumberMode::Strict);
+        let got = verify_json(
+            &obj(input.clone()),
+            "domain",
+            |id| (id == "ed25519:1").then_some(vk),
+            NumberMode::Strict,
+        );
         assert_eq!(got, expected, "input {input}");
     }
 
@@ -426,28 +476,76 @@ mod tests {
         const SIG_ONE_TWO: &str = "KqmLSbO39/Bzb0QIYE82zqLwsA+PDzYIpIRA2sRQ4sL53+sN6/fpNSoqE7BP7vBZhG6kYdD13EIMJpvhJI+6Bw";
         use VerifyError::*;
         let cases: Vec<(Value, Result<(), VerifyError>)> = vec![
-            (json!({"signatures": {"domain": {"ed25519:1": SIG_EMPTY}}}), Ok(())),
-            (json!({"one": 1, "two": "Two", "signatures": {"domain": {"ed25519:1": SIG_ONE_TWO}}}), Ok(())),
+            (
+                json!({"signatures": {"domain": {"ed25519:1": SIG_EMPTY}}}),
+                Ok(()),
+            ),
+            (
+                json!({"one": 1, "two": "Two", "signatures": {"domain": {"ed25519:1": SIG_ONE_TWO}}}),
+                Ok(()),
+            ),
             // Padded base64 is accepted too.
-            (json!({"signatures": {"domain": {"ed25519:1": format!("{SIG_EMPTY}==")}}}), Ok(())),
+            (
+                json!({"signatures": {"domain": {"ed25519:1": format!("{SIG_EMPTY}==")}}}),
+                Ok(()),
+            ),
             // `unsigned` is not covered.
-            (json!({"unsigned": {"x": 1}, "signatures": {"domain": {"ed25519:1": SIG_EMPTY}}}), Ok(())),
+            (
+                json!({"unsigned": {"x": 1}, "signatures": {"domain": {"ed25519:1": SIG_EMPTY}}}),
+                Ok(()),
+            ),
             // Unknown keys are skipped when a known one verifies.
-            (json!({"signatures": {"domain": {"ed25519:0": "AAAA", "ed25519:1": SIG_EMPTY}}}), Ok(())),
+            (
+                json!({"signatures": {"domain": {"ed25519:0": "AAAA", "ed25519:1": SIG_EMPTY}}}),
+                Ok(()),
+            ),
             (json!({}), Err(MissingSignatures)),
             (json!({"signatures": []}), Err(MissingSignatures)),
-            (json!({"signatures": {"other": {"ed25519:1": SIG_EMPTY}}}), Err(NoSignatureFromEntity("domain".into()))),
-            (json!({"signatures": {"domain": "x"}}), Err(NoSignatureFromEntity("domain".into()))),
-            (json!({"signatures": {"domain": {}}}), Err(NoSupportedKey("domain".into()))),
-            (json!({"signatures": {"domain": {"curve25519:1": SIG_EMPTY, "ed25519": "x", "ed25519x:1": "x"}}}), Err(NoSupportedKey("domain".into()))),
-            (json!({"signatures": {"domain": {"ed25519:2": SIG_EMPTY, "ed25519:3": SIG_EMPTY}}}), Err(UnknownKey("ed25519:2".into()))),
-            (json!({"signatures": {"domain": {"ed25519:1": "!!!"}}}), Err(BadBase64("ed25519:1".into()))),
-            (json!({"signatures": {"domain": {"ed25519:1": 5}}}), Err(BadBase64("ed25519:1".into()))),
-            (json!({"signatures": {"domain": {"ed25519:1": "AAAA"}}}), Err(BadSignature("ed25519:1".into()))),
-            (json!({"signatures": {"domain": {"ed25519:1": SIG_ONE_TWO}}}), Err(BadSignature("ed25519:1".into()))),
+            (
+                json!({"signatures": {"other": {"ed25519:1": SIG_EMPTY}}}),
+                Err(NoSignatureFromEntity("domain".into())),
+            ),
+            (
+                json!({"signatures": {"domain": "x"}}),
+                Err(NoSignatureFromEntity("domain".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {}}}),
+                Err(NoSupportedKey("domain".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {"curve25519:1": SIG_EMPTY, "ed25519": "x", "ed25519x:1": "x"}}}),
+                Err(NoSupportedKey("domain".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {"ed25519:2": SIG_EMPTY, "ed25519:3": SIG_EMPTY}}}),
+                Err(UnknownKey("ed25519:2".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {"ed25519:1": "!!!"}}}),
+                Err(BadBase64("ed25519:1".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {"ed25519:1": 5}}}),
+                Err(BadBase64("ed25519:1".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {"ed25519:1": "AAAA"}}}),
+                Err(BadSignature("ed25519:1".into())),
+            ),
+            (
+                json!({"signatures": {"domain": {"ed25519:1": SIG_ONE_TWO}}}),
+                Err(BadSignature("ed25519:1".into())),
+            ),
             // Tampered content.
-            (json!({"one": 2, "two": "Two", "signatures": {"domain": {"ed25519:1": SIG_ONE_TWO}}}), Err(BadSignature("ed25519:1".into()))),
-            (json!({"f": 0.5, "signatures": {"domain": {"ed25519:1": SIG_EMPTY}}}), Err(Canonical(CanonicalError::NotAnInteger("0.5".into())))),
+            (
+                json!({"one": 2, "two": "Two", "signatures": {"domain": {"ed25519:1": SIG_ONE_TWO}}}),
+                Err(BadSignature("ed25519:1".into())),
+            ),
+            (
+                json!({"f": 0.5, "signatures": {"domain": {"ed25519:1": SIG_EMPTY}}}),
+                Err(Canonical(CanonicalError::NotAnInteger("0.5".into()))),
+            ),
         ];
         for (input, want) in cases {
             check_verify(input, want);
@@ -484,14 +582,23 @@ mod tests {
             assert!(SigningKey::from_seed(ok, [0; 32]).is_ok(), "{ok}");
         }
         for bad in ["", "a b", "a:b", "é", "a-b", "a\n"] {
-            assert_eq!(SigningKey::from_seed(bad, [0; 32]).unwrap_err(), KeyError::InvalidVersion(bad.into()));
+            assert_eq!(
+                SigningKey::from_seed(bad, [0; 32]).unwrap_err(),
+                KeyError::InvalidVersion(bad.into())
+            );
         }
-        assert!(matches!(parse_verify_key("!!"), Err(KeyError::BadBase64(_))));
+        assert!(matches!(
+            parse_verify_key("!!"),
+            Err(KeyError::BadBase64(_))
+        ));
         assert_eq!(parse_verify_key("AAAA"), Err(KeyError::BadLength(3)));
         // y = 2 is not on the curve.
         let mut not_a_point = [0u8; 32];
         not_a_point[0] = 2;
-        assert_eq!(parse_verify_key(&encode_base64(&not_a_point)), Err(KeyError::InvalidPoint));
+        assert_eq!(
+            parse_verify_key(&encode_base64(&not_a_point)),
+            Err(KeyError::InvalidPoint)
+        );
     }
 
     #[test]
@@ -502,7 +609,10 @@ mod tests {
         let debug = format!("{a:?}");
         let seed_b64 = encode_base64(&a.seed());
         assert!(!debug.contains(&seed_b64), "{debug}");
-        assert!(debug.contains("ed25519:a_1") && debug.contains(&a.public_key_base64()), "{debug}");
+        assert!(
+            debug.contains("ed25519:a_1") && debug.contains(&a.public_key_base64()),
+            "{debug}"
+        );
         assert!(SigningKey::generate("bad version").is_err());
     }
 
@@ -512,7 +622,10 @@ mod tests {
         let mut o = obj(json!({"x": [1, 2, {"y": "z"}]}));
         sign_json(&mut o, "a.test", &key, NumberMode::Strict).unwrap();
         let vk = key.verifying_key();
-        assert_eq!(verify_json(&o, "a.test", |_| Some(vk), NumberMode::Strict), Ok(()));
+        assert_eq!(
+            verify_json(&o, "a.test", |_| Some(vk), NumberMode::Strict),
+            Ok(())
+        );
         let other = SigningKey::generate("k").unwrap().verifying_key();
         assert_eq!(
             verify_json(&o, "a.test", |_| Some(other), NumberMode::Strict),

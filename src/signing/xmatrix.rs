@@ -130,7 +130,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn syntax(&self, reason: &'static str) -> XMatrixError {
-        XMatrixError::Syntax { at: self.at, reason }
+        XMatrixError::Syntax {
+            at: self.at,
+            reason,
+        }
     }
 
     /// Reads `1*tchar` (plus `:` when `colon`); may return an empty slice.
@@ -182,11 +185,16 @@ impl<'a> Cursor<'a> {
 /// assert_eq!((x.origin.as_str(), x.destination, x.key.as_str()), ("a.example", None, "ed25519:k"));
 /// ```
 pub fn parse(header_value: &str) -> Result<XMatrix, XMatrixError> {
-    let (scheme, _) = header_value.split_once(' ').ok_or(XMatrixError::NotXMatrix)?;
+    let (scheme, _) = header_value
+        .split_once(' ')
+        .ok_or(XMatrixError::NotXMatrix)?;
     if !scheme.eq_ignore_ascii_case("X-Matrix") {
         return Err(XMatrixError::NotXMatrix);
     }
-    let mut cur = Cursor { bytes: header_value.as_bytes(), at: scheme.len() };
+    let mut cur = Cursor {
+        bytes: header_value.as_bytes(),
+        at: scheme.len(),
+    };
     // `1*SP` after the scheme.
     while cur.peek() == Some(b' ') {
         cur.at += 1;
@@ -335,9 +343,14 @@ fn request_canonical(
         canonical::encode_into(&mut out, content, mode)?;
         out.push(',');
     }
-    for (i, (name, value)) in [("destination", destination), ("method", method), ("origin", origin), ("uri", uri)]
-        .into_iter()
-        .enumerate()
+    for (i, (name, value)) in [
+        ("destination", destination),
+        ("method", method),
+        ("origin", origin),
+        ("uri", uri),
+    ]
+    .into_iter()
+    .enumerate()
     {
         if i > 0 {
             out.push(',');
@@ -392,9 +405,16 @@ pub fn verify_request(
     if let Some(destination) = &x.destination
         && destination != our_name
     {
-        return Err(XMatrixError::WrongDestination { ours: our_name.to_owned(), got: destination.clone() });
+        return Err(XMatrixError::WrongDestination {
+            ours: our_name.to_owned(),
+            got: destination.clone(),
+        });
     }
-    if !x.key.strip_prefix(ED25519).is_some_and(|rest| rest.starts_with(':')) {
+    if !x
+        .key
+        .strip_prefix(ED25519)
+        .is_some_and(|rest| rest.starts_with(':'))
+    {
         return Err(XMatrixError::UnsupportedKey(x.key.clone()));
     }
     let sig = decode_base64(&x.sig).map_err(|_| XMatrixError::BadBase64)?;
@@ -430,26 +450,59 @@ mod tests {
         let full = || Ok(x("o.example", Some("d.example"), "ed25519:k1", "c2ln"));
         let no_dest = || Ok(x("o.example", None, "ed25519:k1", "c2ln"));
         let table = [
-            (r#"X-Matrix origin="o.example",destination="d.example",key="ed25519:k1",sig="c2ln""#, full()),
+            (
+                r#"X-Matrix origin="o.example",destination="d.example",key="ed25519:k1",sig="c2ln""#,
+                full(),
+            ),
             // Order, case of scheme and names, unquoted tokens with ':'.
-            (r#"X-Matrix sig="c2ln",key="ed25519:k1",destination="d.example",origin="o.example""#, full()),
-            (r#"x-matrix ORIGIN="o.example",Destination="d.example",kEy="ed25519:k1",SIG="c2ln""#, full()),
-            ("X-MATRIX origin=o.example,destination=d.example,key=ed25519:k1,sig=c2ln", full()),
+            (
+                r#"X-Matrix sig="c2ln",key="ed25519:k1",destination="d.example",origin="o.example""#,
+                full(),
+            ),
+            (
+                r#"x-matrix ORIGIN="o.example",Destination="d.example",kEy="ed25519:k1",SIG="c2ln""#,
+                full(),
+            ),
+            (
+                "X-MATRIX origin=o.example,destination=d.example,key=ed25519:k1,sig=c2ln",
+                full(),
+            ),
             // Whitespace: several spaces after the scheme, spaces/tabs around commas and '='.
-            ("X-Matrix    origin=\"o.example\" ,\tdestination=\"d.example\"\t, key=\"ed25519:k1\",  sig=\"c2ln\"", full()),
-            ("X-Matrix origin = \"o.example\",destination\t=\td.example,key=ed25519:k1,sig=c2ln ", full()),
+            (
+                "X-Matrix    origin=\"o.example\" ,\tdestination=\"d.example\"\t, key=\"ed25519:k1\",  sig=\"c2ln\"",
+                full(),
+            ),
+            (
+                "X-Matrix origin = \"o.example\",destination\t=\td.example,key=ed25519:k1,sig=c2ln ",
+                full(),
+            ),
             // Empty list elements and a trailing comma.
-            ("X-Matrix ,origin=o.example,,destination=d.example, ,key=ed25519:k1,sig=c2ln,", full()),
+            (
+                "X-Matrix ,origin=o.example,,destination=d.example, ,key=ed25519:k1,sig=c2ln,",
+                full(),
+            ),
             // Unknown parameters are ignored, even repeated or empty-quoted.
-            (r#"X-Matrix foo=bar,origin="o.example",foo="x",key="ed25519:k1",bar="",sig="c2ln""#, no_dest()),
+            (
+                r#"X-Matrix foo=bar,origin="o.example",foo="x",key="ed25519:k1",bar="",sig="c2ln""#,
+                no_dest(),
+            ),
             // Backslash escapes inside quotes.
-            (r#"X-Matrix origin="o\.example",key="ed25519:k1",sig="c2ln""#, no_dest()),
+            (
+                r#"X-Matrix origin="o\.example",key="ed25519:k1",sig="c2ln""#,
+                no_dest(),
+            ),
             (
                 r#"X-Matrix origin="a\"b\\c",key="ed25519:k 1",sig="c2ln==""#,
                 Ok(x(r#"a"b\c"#, None, "ed25519:k 1", "c2ln==")),
             ),
-            (r#"X-Matrix origin=",,=",key="k",sig="s""#, Ok(x(",,=", None, "k", "s"))),
-            (r#"X-Matrix origin="o:8448",key=k,sig=s"#, Ok(x("o:8448", None, "k", "s"))),
+            (
+                r#"X-Matrix origin=",,=",key="k",sig="s""#,
+                Ok(x(",,=", None, "k", "s")),
+            ),
+            (
+                r#"X-Matrix origin="o:8448",key=k,sig=s"#,
+                Ok(x("o:8448", None, "k", "s")),
+            ),
         ];
         for (header, want) in table {
             check(header, want);
@@ -471,30 +524,96 @@ mod tests {
             ("X-Matrix key=k,sig=s", Err(MissingParam("origin"))),
             ("X-Matrix origin=o,sig=s", Err(MissingParam("key"))),
             ("X-Matrix origin=o,key=k", Err(MissingParam("sig"))),
-            ("X-Matrix origin=o,key=k,sig=s,origin=o", Err(DuplicateParam("origin"))),
-            ("X-Matrix origin=o,key=k,sig=s,SIG=s", Err(DuplicateParam("sig"))),
-            ("X-Matrix origin=o,key=k,Key=\"k\",sig=s", Err(DuplicateParam("key"))),
-            ("X-Matrix destination=a,origin=o,destination=a,key=k,sig=s", Err(DuplicateParam("destination"))),
-            ("X-Matrix origin=\"\",key=k,sig=s", Err(EmptyValue("origin".into()))),
-            ("X-Matrix origin=,key=k,sig=s", Err(EmptyValue("origin".into()))),
-            ("X-Matrix origin=o,key=k,sig=", Err(EmptyValue("sig".into()))),
-            ("X-Matrix origin=o,key=k,sig= ,", Err(EmptyValue("sig".into()))),
+            (
+                "X-Matrix origin=o,key=k,sig=s,origin=o",
+                Err(DuplicateParam("origin")),
+            ),
+            (
+                "X-Matrix origin=o,key=k,sig=s,SIG=s",
+                Err(DuplicateParam("sig")),
+            ),
+            (
+                "X-Matrix origin=o,key=k,Key=\"k\",sig=s",
+                Err(DuplicateParam("key")),
+            ),
+            (
+                "X-Matrix destination=a,origin=o,destination=a,key=k,sig=s",
+                Err(DuplicateParam("destination")),
+            ),
+            (
+                "X-Matrix origin=\"\",key=k,sig=s",
+                Err(EmptyValue("origin".into())),
+            ),
+            (
+                "X-Matrix origin=,key=k,sig=s",
+                Err(EmptyValue("origin".into())),
+            ),
+            (
+                "X-Matrix origin=o,key=k,sig=",
+                Err(EmptyValue("sig".into())),
+            ),
+            (
+                "X-Matrix origin=o,key=k,sig= ,",
+                Err(EmptyValue("sig".into())),
+            ),
             ("X-Matrix origin=\"o,key=k,sig=s", Err(UnterminatedQuote)),
             ("X-Matrix origin=o,key=k,sig=\"s\\", Err(UnterminatedQuote)),
-            ("X-Matrix origin=o,key=k,sig=\"s\\\"", Err(UnterminatedQuote)),
-            ("X-Matrix origin=o key=k,sig=s", syntax(18, "expected `,` or the end after a parameter value")),
-            ("X-Matrix origin=\"o\"x,key=k,sig=s", syntax(19, "expected `,` or the end after a parameter value")),
-            ("X-Matrix origin=o/p,key=k,sig=s", syntax(17, "expected `,` or the end after a parameter value")),
-            ("X-Matrix origin,key=k,sig=s", syntax(15, "expected `=` after the parameter name")),
-            ("X-Matrix abc", syntax(12, "expected `=` after the parameter name")),
-            ("X-Matrix =o,key=k,sig=s", syntax(9, "expected a parameter name")),
-            ("X-Matrix origin=o;key=k,sig=s", syntax(17, "expected `,` or the end after a parameter value")),
-            ("X-Matrix origin=\"ö\",key=k,sig=s", syntax(17, "invalid character in quoted value")),
-            ("X-Matrix origin=\"o\nx\",key=k,sig=s", syntax(18, "invalid character in quoted value")),
-            ("X-Matrix origin=\"o\\\u{1}\",key=k,sig=s", syntax(19, "invalid character after backslash")),
-            ("X-Matrix origin=ö,key=k,sig=s", syntax(16, "expected `,` or the end after a parameter value")),
-            ("X-Matrix origin=o,key=k,sig=s, Bearer x", syntax(38, "expected `=` after the parameter name")),
-            ("X-Matrix origin=o,key=k,sig=s\r\n", syntax(29, "expected `,` or the end after a parameter value")),
+            (
+                "X-Matrix origin=o,key=k,sig=\"s\\\"",
+                Err(UnterminatedQuote),
+            ),
+            (
+                "X-Matrix origin=o key=k,sig=s",
+                syntax(18, "expected `,` or the end after a parameter value"),
+            ),
+            (
+                "X-Matrix origin=\"o\"x,key=k,sig=s",
+                syntax(19, "expected `,` or the end after a parameter value"),
+            ),
+            (
+                "X-Matrix origin=o/p,key=k,sig=s",
+                syntax(17, "expected `,` or the end after a parameter value"),
+            ),
+            (
+                "X-Matrix origin,key=k,sig=s",
+                syntax(15, "expected `=` after the parameter name"),
+            ),
+            (
+                "X-Matrix abc",
+                syntax(12, "expected `=` after the parameter name"),
+            ),
+            (
+                "X-Matrix =o,key=k,sig=s",
+                syntax(9, "expected a parameter name"),
+            ),
+            (
+                "X-Matrix origin=o;key=k,sig=s",
+                syntax(17, "expected `,` or the end after a parameter value"),
+            ),
+            (
+                "X-Matrix origin=\"ö\",key=k,sig=s",
+                syntax(17, "invalid character in quoted value"),
+            ),
+            (
+                "X-Matrix origin=\"o\nx\",key=k,sig=s",
+                syntax(18, "invalid character in quoted value"),
+            ),
+            (
+                "X-Matrix origin=\"o\\\u{1}\",key=k,sig=s",
+                syntax(19, "invalid character after backslash"),
+            ),
+            (
+                "X-Matrix origin=ö,key=k,sig=s",
+                syntax(16, "expected `,` or the end after a parameter value"),
+            ),
+            (
+                "X-Matrix origin=o,key=k,sig=s, Bearer x",
+                syntax(38, "expected `=` after the parameter name"),
+            ),
+            (
+                "X-Matrix origin=o,key=k,sig=s\r\n",
+                syntax(29, "expected `,` or the end after a parameter value"),
+            ),
         ];
         for (header, want) in table {
             check(header, want);
@@ -504,9 +623,15 @@ mod tests {
     #[test]
     fn display_is_the_canonical_header_form() {
         let h = x("o.example", Some("d.example"), "ed25519:k1", "c2ln");
-        assert_eq!(h.to_string(), r#"X-Matrix origin="o.example",destination="d.example",key="ed25519:k1",sig="c2ln""#);
+        assert_eq!(
+            h.to_string(),
+            r#"X-Matrix origin="o.example",destination="d.example",key="ed25519:k1",sig="c2ln""#
+        );
         let h = x(r#"a"b\c"#, None, "ed25519:k1", "c2ln");
-        assert_eq!(h.to_string(), r#"X-Matrix origin="a\"b\\c",key="ed25519:k1",sig="c2ln""#);
+        assert_eq!(
+            h.to_string(),
+            r#"X-Matrix origin="a\"b\\c",key="ed25519:k1",sig="c2ln""#
+        );
         assert_eq!(parse(&h.to_string()), Ok(h));
     }
 
@@ -536,16 +661,50 @@ mod tests {
         ];
         for (method, uri, content, canonical_text, sig) in cases {
             let obj = request_json(method, uri, "domain", "remote.example", content);
-            assert_eq!(encode(&Value::Object(obj), NumberMode::Strict).unwrap(), canonical_text);
             assert_eq!(
-                request_canonical(method, uri, "domain", "remote.example", content, NumberMode::Strict).unwrap(),
+                encode(&Value::Object(obj), NumberMode::Strict).unwrap(),
                 canonical_text
             );
-            let header = sign_request(method, uri, "domain", "remote.example", content, &key, NumberMode::Strict).unwrap();
-            assert_eq!(header, format!(r#"X-Matrix origin="domain",destination="remote.example",key="ed25519:1",sig="{sig}""#));
+            assert_eq!(
+                request_canonical(
+                    method,
+                    uri,
+                    "domain",
+                    "remote.example",
+                    content,
+                    NumberMode::Strict
+                )
+                .unwrap(),
+                canonical_text
+            );
+            let header = sign_request(
+                method,
+                uri,
+                "domain",
+                "remote.example",
+                content,
+                &key,
+                NumberMode::Strict,
+            )
+            .unwrap();
+            assert_eq!(
+                header,
+                format!(
+                    r#"X-Matrix origin="domain",destination="remote.example",key="ed25519:1",sig="{sig}""#
+                )
+            );
             let parsed = parse(&header).unwrap();
             let vk = key.verifying_key();
-            verify_request(&parsed, method, uri, "remote.example", content, &vk, NumberMode::Strict).unwrap();
+            verify_request(
+                &parsed,
+                method,
+                uri,
+                "remote.example",
+                content,
+                &vk,
+                NumberMode::Strict,
+            )
+            .unwrap();
         }
     }
 
@@ -554,22 +713,46 @@ mod tests {
         let key = crate::signing::tests::spec_key();
         let vk = key.verifying_key();
         let body = json!({"a": 1.5});
-        let header = sign_request("PUT", "/p?q=1", "o.example", "us.example", Some(&body), &key, NumberMode::Python).unwrap();
+        let header = sign_request(
+            "PUT",
+            "/p?q=1",
+            "o.example",
+            "us.example",
+            Some(&body),
+            &key,
+            NumberMode::Python,
+        )
+        .unwrap();
         let good = parse(&header).unwrap();
         let verify = |x: &XMatrix, method: &str, uri: &str, ours: &str, content: Option<&Value>| {
             verify_request(x, method, uri, ours, content, &vk, NumberMode::Python)
         };
-        assert_eq!(verify(&good, "PUT", "/p?q=1", "us.example", Some(&body)), Ok(()));
+        assert_eq!(
+            verify(&good, "PUT", "/p?q=1", "us.example", Some(&body)),
+            Ok(())
+        );
 
         // Without a destination parameter the signature still covers our name.
-        let no_dest = XMatrix { destination: None, ..good.clone() };
-        assert_eq!(verify(&no_dest, "PUT", "/p?q=1", "us.example", Some(&body)), Ok(()));
-        assert_eq!(verify(&no_dest, "PUT", "/p?q=1", "them.example", Some(&body)), Err(XMatrixError::BadSignature));
+        let no_dest = XMatrix {
+            destination: None,
+            ..good.clone()
+        };
+        assert_eq!(
+            verify(&no_dest, "PUT", "/p?q=1", "us.example", Some(&body)),
+            Ok(())
+        );
+        assert_eq!(
+            verify(&no_dest, "PUT", "/p?q=1", "them.example", Some(&body)),
+            Err(XMatrixError::BadSignature)
+        );
 
         use XMatrixError::*;
         assert_eq!(
             verify(&good, "PUT", "/p?q=1", "them.example", Some(&body)),
-            Err(WrongDestination { ours: "them.example".into(), got: "us.example".into() })
+            Err(WrongDestination {
+                ours: "them.example".into(),
+                got: "us.example".into()
+            })
         );
         for (method, uri, content) in [
             ("POST", "/p?q=1", Some(&body)),
@@ -578,21 +761,42 @@ mod tests {
             ("PUT", "/p?q=1", None),
             ("PUT", "/p?q=1", Some(&json!({"a": 1.25}))),
         ] {
-            assert_eq!(verify(&good, method, uri, "us.example", content), Err(BadSignature), "{method} {uri}");
+            assert_eq!(
+                verify(&good, method, uri, "us.example", content),
+                Err(BadSignature),
+                "{method} {uri}"
+            );
         }
         let bad = |f: &dyn Fn(&mut XMatrix)| {
             let mut x = good.clone();
             f(&mut x);
             verify(&x, "PUT", "/p?q=1", "us.example", Some(&body))
         };
-        assert_eq!(bad(&|x| x.origin = "evil.example".into()), Err(BadSignature));
+        assert_eq!(
+            bad(&|x| x.origin = "evil.example".into()),
+            Err(BadSignature)
+        );
         assert_eq!(bad(&|x| x.sig = "!!".into()), Err(BadBase64));
         assert_eq!(bad(&|x| x.sig = "c2ln".into()), Err(BadSignature));
-        assert_eq!(bad(&|x| x.key = "curve25519:1".into()), Err(UnsupportedKey("curve25519:1".into())));
-        assert_eq!(bad(&|x| x.key = "ed25519".into()), Err(UnsupportedKey("ed25519".into())));
+        assert_eq!(
+            bad(&|x| x.key = "curve25519:1".into()),
+            Err(UnsupportedKey("curve25519:1".into()))
+        );
+        assert_eq!(
+            bad(&|x| x.key = "ed25519".into()),
+            Err(UnsupportedKey("ed25519".into()))
+        );
         // Strict mode refuses the float body it cannot encode.
         assert!(matches!(
-            verify_request(&good, "PUT", "/p?q=1", "us.example", Some(&body), &vk, NumberMode::Strict),
+            verify_request(
+                &good,
+                "PUT",
+                "/p?q=1",
+                "us.example",
+                Some(&body),
+                &vk,
+                NumberMode::Strict
+            ),
             Err(Canonical(CanonicalError::NotAnInteger(_)))
         ));
     }

@@ -80,8 +80,14 @@ impl Store {
             return Ok(false);
         }
         let mut b = Batch::new();
-        let rec = UserRecord { created_ts: now_ms() };
-        b.0.put_cf(self.cf(cf::USERS), user, serde_json::to_vec(&rec).expect("serializes"));
+        let rec = UserRecord {
+            created_ts: now_ms(),
+        };
+        b.0.put_cf(
+            self.cf(cf::USERS),
+            user,
+            serde_json::to_vec(&rec).expect("serializes"),
+        );
         self.commit(b).await?;
         Ok(true)
     }
@@ -108,8 +114,14 @@ impl Store {
         let token_hash = hash_token(&token);
         let mut b = Batch::new();
         if !self.user_exists(user)? {
-            let rec = UserRecord { created_ts: now_ms() };
-            b.0.put_cf(self.cf(cf::USERS), user, serde_json::to_vec(&rec).expect("serializes"));
+            let rec = UserRecord {
+                created_ts: now_ms(),
+            };
+            b.0.put_cf(
+                self.cf(cf::USERS),
+                user,
+                serde_json::to_vec(&rec).expect("serializes"),
+            );
         }
         let created_ts = match self.device_record(user, device)? {
             Some(old) => {
@@ -123,7 +135,11 @@ impl Store {
             token_hash: token_hash.clone(),
         };
         let dk = key(&[user.as_bytes(), device.as_bytes()]);
-        b.0.put_cf(self.cf(cf::DEVICES), &dk, serde_json::to_vec(&rec).expect("serializes"));
+        b.0.put_cf(
+            self.cf(cf::DEVICES),
+            &dk,
+            serde_json::to_vec(&rec).expect("serializes"),
+        );
         b.0.put_cf(self.cf(cf::TOKENS), token_hash.as_bytes(), &dk);
         self.commit(b).await?;
         Ok(token)
@@ -161,7 +177,8 @@ impl Store {
         for item in self.scan(cf::DEVICES, &prefix) {
             let (k, v) = item?;
             let device_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let rec: DeviceRecord = serde_json::from_slice(&v).map_err(|e| corrupt(cf::DEVICES, e))?;
+            let rec: DeviceRecord =
+                serde_json::from_slice(&v).map_err(|e| corrupt(cf::DEVICES, e))?;
             let last_seen_ts = self.inbox_state(user, &device_id)?.last_sync_ts;
             out.push(DeviceInfo {
                 device_id,
@@ -189,14 +206,17 @@ impl Store {
 
     /// Every device with its record, in key order, read lazily: housekeeping walks all
     /// devices without holding them in memory.
-    pub fn device_records(&self) -> impl Iterator<Item = Result<(String, String, DeviceRecord), StoreError>> + '_ {
+    pub fn device_records(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, DeviceRecord), StoreError>> + '_ {
         self.scan(cf::DEVICES, b"").map(|item| {
             let (k, v) = item?;
             let i = k
                 .iter()
                 .position(|&b| b == 0)
                 .ok_or_else(|| corrupt(cf::DEVICES, "no separator"))?;
-            let rec: DeviceRecord = serde_json::from_slice(&v).map_err(|e| corrupt(cf::DEVICES, e))?;
+            let rec: DeviceRecord =
+                serde_json::from_slice(&v).map_err(|e| corrupt(cf::DEVICES, e))?;
             Ok((
                 String::from_utf8_lossy(&k[..i]).into_owned(),
                 String::from_utf8_lossy(&k[i + 1..]).into_owned(),
@@ -254,8 +274,15 @@ mod tests {
         let t2 = s.add_device("@a:x", "D2").await.unwrap();
         s.add_device("@ab:x", "D9").await.unwrap();
         assert!(t1.len() >= 43, "at least 256 bits");
-        assert_eq!(s.token_owner(&t1).unwrap(), Some(("@a:x".into(), "D1".into())));
-        assert_eq!(s.device_ids("@a:x").unwrap(), vec!["D1", "D2"], "@ab:x's devices are not @a:x's");
+        assert_eq!(
+            s.token_owner(&t1).unwrap(),
+            Some(("@a:x".into(), "D1".into()))
+        );
+        assert_eq!(
+            s.device_ids("@a:x").unwrap(),
+            vec!["D1", "D2"],
+            "@ab:x's devices are not @a:x's"
+        );
         // Re-keying revokes the old token.
         let t1b = s.add_device("@a:x", "D1").await.unwrap();
         assert_eq!(s.token_owner(&t1).unwrap(), None);

@@ -39,7 +39,14 @@ impl Store {
     /// Test-only: production rows are numbered by [`Store::append`]'s writer.
     #[cfg(test)]
     /// Adds a message to a device inbox at position `seq` (in `b`).
-    pub(crate) fn inbox_push(&self, b: &mut Batch, user: &str, device: &str, seq: u64, event: &[u8]) {
+    pub(crate) fn inbox_push(
+        &self,
+        b: &mut Batch,
+        user: &str,
+        device: &str,
+        seq: u64,
+        event: &[u8],
+    ) {
         b.0.put_cf(self.cf(cf::INBOX), entry_key(user, device, seq), event);
     }
 
@@ -80,7 +87,13 @@ impl Store {
     }
 
     /// Acknowledges everything up to and including `upto` (in `b`).
-    pub fn inbox_ack(&self, b: &mut Batch, user: &str, device: &str, upto: u64) -> Result<(), StoreError> {
+    pub fn inbox_ack(
+        &self,
+        b: &mut Batch,
+        user: &str,
+        device: &str,
+        upto: u64,
+    ) -> Result<(), StoreError> {
         let mut state = self.inbox_state(user, device)?;
         if upto > state.acked {
             b.0.delete_range_cf(
@@ -115,7 +128,13 @@ impl Store {
     /// low-water mark, like an acknowledgement, but it is not one: `last_sync_ts` is
     /// left as it was. Walks the device's pending keys (never their values) from the
     /// newest down: housekeeping only, never on a request path.
-    pub fn inbox_trim(&self, b: &mut Batch, user: &str, device: &str, keep: u64) -> Result<u64, StoreError> {
+    pub fn inbox_trim(
+        &self,
+        b: &mut Batch,
+        user: &str,
+        device: &str,
+        keep: u64,
+    ) -> Result<u64, StoreError> {
         let mut state = self.inbox_state(user, device)?;
         let prefix = device_prefix(user, device);
         let end = prefix_end(&prefix);
@@ -129,10 +148,12 @@ impl Store {
         while let Some(k) = it.key() {
             pending += 1;
             if pending == keep.saturating_add(1) {
-                cut = Some(super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
-                    cf: cf::INBOX,
-                    detail: "short key".into(),
-                })?);
+                cut = Some(
+                    super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
+                        cf: cf::INBOX,
+                        detail: "short key".into(),
+                    })?,
+                );
             }
             it.prev();
         }
@@ -158,7 +179,10 @@ impl Store {
     pub fn inbox_delete_all(&self, b: &mut Batch, user: &str, device: &str) {
         let prefix = device_prefix(user, device);
         b.0.delete_range_cf(self.cf(cf::INBOX), prefix.clone(), prefix_end(&prefix));
-        b.0.delete_cf(self.cf(cf::INBOX_STATE), key(&[user.as_bytes(), device.as_bytes()]));
+        b.0.delete_cf(
+            self.cf(cf::INBOX_STATE),
+            key(&[user.as_bytes(), device.as_bytes()]),
+        );
     }
 }
 
@@ -176,7 +200,10 @@ mod tests {
         s.inbox_push(&mut b, "@a:x", "D2", 15, b"other device");
         s.commit(b).await.unwrap();
         let page = s.inbox_page("@a:x", "D", 0, 3).unwrap();
-        assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20, 30]);
+        assert_eq!(
+            page.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![10, 20, 30]
+        );
         let page = s.inbox_page("@a:x", "D", 30, 100).unwrap();
         assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![40, 50]);
         let mut b = Batch::new();
@@ -186,7 +213,11 @@ mod tests {
         let page = s.inbox_page("@a:x", "D", 0, 100).unwrap();
         assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![40, 50]);
         assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 2);
-        assert_eq!(s.inbox_len("@a:x", "D2").unwrap(), 1, "other devices untouched");
+        assert_eq!(
+            s.inbox_len("@a:x", "D2").unwrap(),
+            1,
+            "other devices untouched"
+        );
         assert_eq!(s.inbox_state("@a:x", "D").unwrap().acked, 30);
         let mut b = Batch::new();
         s.inbox_delete_all(&mut b, "@a:x", "D");
@@ -210,9 +241,17 @@ mod tests {
         let synced = s.inbox_state("@a:x", "D").unwrap().last_sync_ts;
 
         let mut b = Batch::new();
-        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 10).unwrap(), 0, "under the bound");
+        assert_eq!(
+            s.inbox_trim(&mut b, "@a:x", "D", 10).unwrap(),
+            0,
+            "under the bound"
+        );
         assert!(b.is_empty(), "nothing to write when nothing is dropped");
-        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 3).unwrap(), 2, "5 pending, keep 3");
+        assert_eq!(
+            s.inbox_trim(&mut b, "@a:x", "D", 3).unwrap(),
+            2,
+            "5 pending, keep 3"
+        );
         s.commit(b).await.unwrap();
         let page = s.inbox_page("@a:x", "D", 0, 100).unwrap();
         assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![4, 5, 6]);
@@ -223,8 +262,16 @@ mod tests {
         assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 0).unwrap(), 3, "purge");
         s.commit(b).await.unwrap();
         assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 0);
-        assert_eq!(s.inbox_len("@a:x", "D2").unwrap(), 1, "other devices untouched");
+        assert_eq!(
+            s.inbox_len("@a:x", "D2").unwrap(),
+            1,
+            "other devices untouched"
+        );
         let mut b = Batch::new();
-        assert_eq!(s.inbox_trim(&mut b, "@a:x", "D", 0).unwrap(), 0, "empty inbox");
+        assert_eq!(
+            s.inbox_trim(&mut b, "@a:x", "D", 0).unwrap(),
+            0,
+            "empty inbox"
+        );
     }
 }

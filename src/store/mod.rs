@@ -175,14 +175,15 @@ impl Store {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             if cf::EXPIRING.contains(name) {
-                o.set_compaction_filter("expired_markers", move |_level, _key, value| {
-                    match read_ts(value) {
+                o.set_compaction_filter(
+                    "expired_markers",
+                    move |_level, _key, value| match read_ts(value) {
                         Some(ts) if ts.saturating_add(ttl_ms) < now_ms() => {
                             rocksdb::compaction_filter::Decision::Remove
                         }
                         _ => rocksdb::compaction_filter::Decision::Keep,
-                    }
-                });
+                    },
+                );
                 o.set_periodic_compaction_seconds(24 * 3600);
             }
             ColumnFamilyDescriptor::new(*name, o)
@@ -282,7 +283,9 @@ impl Store {
     /// Bytes of all SST and WAL files under `path` (for benchmarks).
     pub fn disk_usage(path: &Path) -> u64 {
         fn walk(p: &Path) -> u64 {
-            let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return 0;
+            };
             rd.flatten()
                 .map(|e| match e.metadata() {
                     Ok(m) if m.is_dir() => walk(&e.path()),
@@ -330,7 +333,11 @@ impl Writer {
         for req in group {
             for op in &req.ops {
                 match op {
-                    Append::Inbox { user, device, event } => {
+                    Append::Inbox {
+                        user,
+                        device,
+                        event,
+                    } => {
                         b.put_cf(cf(cf::INBOX), inbox::entry_key(user, device, seq), event);
                         seq += 1;
                     }

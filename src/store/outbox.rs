@@ -209,11 +209,25 @@ mod tests {
         s.outbox_push(&mut b, "a.test", 9, b"{}");
         s.outbox_push(&mut b, "b.test2", 9, b"{}");
         s.commit(b).await.unwrap();
-        assert_eq!(s.destinations_with_work().unwrap(), vec!["a.test", "b.test", "b.test2"]);
+        assert_eq!(
+            s.destinations_with_work().unwrap(),
+            vec!["a.test", "b.test", "b.test2"]
+        );
         assert_eq!(s.outbox_head("b.test", 3, 10_000, None).unwrap().len(), 3);
-        assert_eq!(s.outbox_head("b.test", 100, 250, None).unwrap().len(), 2, "byte budget");
-        assert_eq!(s.outbox_head("b.test", 100, 10, None).unwrap().len(), 1, "always one");
-        assert_eq!(s.outbox_head("b.test", 100, 10_000, Some(4)).unwrap().len(), 4);
+        assert_eq!(
+            s.outbox_head("b.test", 100, 250, None).unwrap().len(),
+            2,
+            "byte budget"
+        );
+        assert_eq!(
+            s.outbox_head("b.test", 100, 10, None).unwrap().len(),
+            1,
+            "always one"
+        );
+        assert_eq!(
+            s.outbox_head("b.test", 100, 10_000, Some(4)).unwrap().len(),
+            4
+        );
         let mut b = Batch::new();
         s.outbox_ack(&mut b, "b.test", 3);
         s.commit(b).await.unwrap();
@@ -224,7 +238,11 @@ mod tests {
         s.commit(b).await.unwrap();
         assert_eq!(s.outbox_depth("b.test").unwrap(), (1, Some(5)));
         assert_eq!(s.parked_count("b.test").unwrap(), 1);
-        assert_eq!(s.outbox_depth("b.test2").unwrap().0, 1, "prefix-distinct destinations");
+        assert_eq!(
+            s.outbox_depth("b.test2").unwrap().0,
+            1,
+            "prefix-distinct destinations"
+        );
     }
 
     #[tokio::test]

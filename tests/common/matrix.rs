@@ -19,7 +19,10 @@ pub async fn device(c: &Courier, user: &str, device: &str) -> String {
         .json()
         .await
         .unwrap();
-    r["access_token"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
+    r["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_owned()
 }
 
 /// `PUT sendToDevice/{ty}/{txn}` on `base` (e.g. `https://127.0.0.1:8448`).
@@ -42,8 +45,19 @@ pub async fn send(base: &str, token: &str, txn: &str, messages: Value) {
 /// acknowledging as it goes (and the last batch at the end). Returns every event,
 /// duplicates included.
 pub async fn sync_events(base: &str, token: &str, want: usize, deadline: Duration) -> Vec<Value> {
+    sync_events_from(base, token, None, want, deadline).await.0
+}
+
+/// `sync_events` starting at `since`; also returns the last `next_batch`.
+pub async fn sync_events_from(
+    base: &str,
+    token: &str,
+    since: Option<String>,
+    want: usize,
+    deadline: Duration,
+) -> (Vec<Value>, Option<String>) {
     let client = insecure_client();
-    let mut since: Option<String> = None;
+    let mut since = since;
     let mut seen = Vec::new();
     let end = Instant::now() + deadline;
     while seen.len() < want && Instant::now() < end {
@@ -66,14 +80,14 @@ pub async fn sync_events(base: &str, token: &str, want: usize, deadline: Duratio
             since = Some(nb.to_owned());
         }
     }
-    if let Some(s) = since {
+    if let Some(s) = &since {
         let _ = client
             .get(format!("{base}/_matrix/client/v3/sync?timeout=0&since={s}"))
             .bearer_auth(token)
             .send()
             .await;
     }
-    seen
+    (seen, since)
 }
 
 /// `sync_events`, keeping only `content.n`.
@@ -95,11 +109,23 @@ pub fn assert_exactly_once(seen: &[u64], n: u64) {
 }
 
 /// Sends one message per request, 32 requests at a time, `content.n` = each of `range`.
-pub async fn send_many(base: &str, token: &str, to: &str, device: &str, range: std::ops::Range<u64>) {
+pub async fn send_many(
+    base: &str,
+    token: &str,
+    to: &str,
+    device: &str,
+    range: std::ops::Range<u64>,
+) {
     let mut futs = Vec::new();
     for n in range {
         futs.push(async move {
-            send(base, token, &format!("t{n}"), json!({ to: { device: {"n": n}} })).await;
+            send(
+                base,
+                token,
+                &format!("t{n}"),
+                json!({ to: { device: {"n": n}} }),
+            )
+            .await;
         });
         if futs.len() == 32 {
             futures::future::join_all(futs.drain(..)).await;

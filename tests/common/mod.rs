@@ -114,7 +114,9 @@ level = "courier=debug,info"
         let text = if text.contains("[federation]") {
             text
         } else {
-            format!("{text}\n[federation]\nallow_private_destinations = true\nverify_certificates = false\n")
+            format!(
+                "{text}\n[federation]\nallow_private_destinations = true\nverify_certificates = false\n"
+            )
         };
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -147,12 +149,19 @@ level = "courier=debug,info"
             {
                 panic!("courier exited early ({status}); log:\n{}", self.log());
             }
-            if let Ok(r) = client.get(self.url("/_matrix/federation/v1/version")).send().await
+            if let Ok(r) = client
+                .get(self.url("/_matrix/federation/v1/version"))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "courier did not start; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "courier did not start; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -172,7 +181,10 @@ level = "courier=debug,info"
     /// SIGTERM and wait; returns the exit status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(s)) = c.try_wait() {
@@ -189,7 +201,10 @@ level = "courier=debug,info"
 
     /// Opens the store of a stopped courier (RocksDB admits one process at a time).
     pub fn open_store(&self) -> courier::store::Store {
-        assert!(self.child.is_none(), "stop the courier before opening its store");
+        assert!(
+            self.child.is_none(),
+            "stop the courier before opening its store"
+        );
         courier::store::Store::open(&self.data_dir().join("db"), &Default::default()).unwrap()
     }
 
@@ -230,7 +245,12 @@ pub fn run_cli(args: &[&str], stdin: &str, cwd: &Path) -> (i32, String, String) 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),

@@ -17,7 +17,10 @@ fn scripts() -> PathBuf {
 pub fn venv() -> Result<PathBuf, String> {
     let root = std::env::var_os("COURIER_SYNAPSE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())).join(".cache/courier-synapse"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+                .join(".cache/courier-synapse")
+        });
     let install = scripts().join("install.sh");
     if !install.exists() {
         return Err(format!("{} not found", install.display()));
@@ -34,7 +37,10 @@ pub fn venv() -> Result<PathBuf, String> {
     if !out.status.success() {
         return Err(format!(
             "install.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         ));
     }
     Ok(root.join("venv"))
@@ -129,7 +135,11 @@ impl Synapse {
             .arg(device)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         (
             v["user_id"].as_str().unwrap().to_owned(),
