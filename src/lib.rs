@@ -17,4 +17,5 @@ pub mod notify;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

@@ -41,6 +41,7 @@ pub fn load_or_generate_key(config: &Config) -> anyhow::Result<SigningKey> {
 /// Opens everything and returns the app, ready to serve.
 pub fn open(config: Config) -> anyhow::Result<App> {
     crate::tls::install_crypto_provider();
+    crate::telemetry::install();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let key = load_or_generate_key(&config)?;
@@ -66,7 +67,8 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
             Resource::Client => r.merge(crate::client::router()),
             Resource::Admin => r
                 .merge(crate::client::admin::router())
-                .merge(crate::federation::admin::router()),
+                .merge(crate::federation::admin::router())
+                .merge(crate::telemetry::router()),
         };
     }
     r.route("/_matrix/{*rest}", any(crate::error::unrecognized))

@@ -287,3 +287,161 @@ async fn repeated_transactions_and_bad_input() {
     assert!(seen.is_empty(), "{seen:?}");
     assert!(!target.log().contains("panicked"));
 }
+
+/// A fake federation receiver on loopback (TLS, self-signed) whose answer to each
+/// `/send` is chosen by `answer(edu_count, body)`; records every transaction it saw.
+struct FakeReceiver {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    handle: axum_server::Handle<std::net::SocketAddr>,
+}
+
+impl FakeReceiver {
+    async fn start(answer: fn(usize, &Value) -> u16) -> FakeReceiver {
+        use axum::routing::put;
+        courier::tls::install_crypto_provider();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let seen2 = seen.clone();
+        let app = axum::Router::new().route(
+            "/_matrix/federation/v1/send/{txn}",
+            put(move |axum::Json(body): axum::Json<Value>| {
+                let seen = seen2.clone();
+                async move {
+                    let n = body["edus"].as_array().map_or(0, |a| a.len());
+                    let status = answer(n, &body);
+                    seen.lock().unwrap().push(body);
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        axum::Json(json!({"pdus": {}})),
+                    )
+                }
+            }),
+        );
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+            ck.cert.pem().into_bytes(),
+            ck.signing_key.serialize_pem().into_bytes(),
+        )
+        .await
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = axum_server::Handle::new();
+        let server = axum_server::from_tcp_rustls(listener, tls)
+            .unwrap()
+            .handle(handle.clone());
+        tokio::spawn(server.serve(app.into_make_service()));
+        FakeReceiver { port, seen, handle }
+    }
+
+    fn server_name(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `content.n` of every EDU in every transaction answered 200.
+    fn delivered(&self, ok: fn(usize, &Value) -> u16) -> Vec<u64> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| ok(t["edus"].as_array().unwrap().len(), t) == 200)
+            .flat_map(|t| t["edus"].as_array().unwrap().clone())
+            .flat_map(|e| {
+                e["content"]["messages"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .flat_map(|d| {
+                        d.as_object()
+                            .unwrap()
+                            .values()
+                            .map(|c| c["n"].as_u64().unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for FakeReceiver {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+/// 413 for any transaction of more than 3 EDUs; 400 for the EDU carrying n == 13.
+fn picky(edus: usize, body: &Value) -> u16 {
+    let poisoned = body["edus"].as_array().unwrap().iter().any(|e| {
+        e["content"]["messages"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|d| d.as_object().unwrap().values().any(|c| c["n"] == 13))
+    });
+    if edus > 3 {
+        413
+    } else if poisoned {
+        400
+    } else {
+        200
+    }
+}
+
+#[tokio::test]
+async fn refused_transactions_are_split_and_a_refused_edu_is_parked_not_retried_forever() {
+    let fake = FakeReceiver::start(picky).await;
+    let a = Courier::start().await;
+    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
+    let to = format!("@x:{}", fake.server_name());
+    // Queue everything while the first transaction is refused, so transactions are big.
+    send_many(&a.base(), &alice, &to, "X", 0..40).await;
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut got = fake.delivered(picky);
+        got.sort_unstable();
+        if got.len() >= 39 {
+            let want: Vec<u64> = (0..40).filter(|n| *n != 13).collect();
+            assert_eq!(got, want, "everything but the poisoned EDU, once");
+            break;
+        }
+        assert!(Instant::now() < end, "delivered only {got:?}\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The poisoned EDU was parked, with a warning, and the queue is empty.
+    let dests: Value = insecure_client()
+        .get(a.url("/_courier/admin/v1/destinations"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let d = &dests["destinations"][&fake.server_name()];
+    assert_eq!(d["parked"], 1, "{dests}");
+    assert_eq!(d["queued"], 0, "{dests}");
+    assert!(a.log().contains("parked"));
+    assert!(a.log().contains("splitting"));
+    // And counted, for operators' dashboards.
+    let metrics = insecure_client()
+        .get(a.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("courier_edus_parked_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("courier_transactions_split_total"),
+        "{metrics}"
+    );
+    let r = insecure_client()
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "metrics need the admin token");
+}

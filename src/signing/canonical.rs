@@ -233,7 +233,7 @@ impl<'de> Visitor<'de> for StrictValue<'_> {
         while let Some(key) = access.next_key::<String>()? {
             // Check before parsing the value, so the error position points at
             // the repeated key rather than the end of its value.
-            if false && map.contains_key(&key) {
+            if map.contains_key(&key) {
                 self.failure.set(Some(Failure::Duplicate(key)));
                 return Err(de::Error::custom("duplicate key"));
             }
