@@ -448,7 +448,7 @@ async fn at_most_100_events_per_sync_and_a_backlog_returns_at_once() {
     let mut seen = BTreeSet::new();
     let mut sizes = Vec::new();
     for _ in 0..3 {
-        let sync = tokio::time::timeout(PROMPT, api.sync(&bob, since.as_deref(), 20_000))
+        let sync = tokio::time::timeout(PROMPT, api.sync(bob, since.as_deref(), 20_000))
             .await
             .expect("pending messages are served without waiting");
         sizes.push(events(&sync).len());
@@ -461,7 +461,7 @@ async fn at_most_100_events_per_sync_and_a_backlog_returns_at_once() {
         (0..250).collect::<BTreeSet<u64>>(),
         "each message exactly once"
     );
-    assert!(events(&api.sync(&bob, since.as_deref(), 0).await).is_empty());
+    assert!(events(&api.sync(bob, since.as_deref(), 0).await).is_empty());
 }
 
 #[tokio::test]

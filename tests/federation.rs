@@ -110,7 +110,7 @@ impl Signer {
     fn of(c: &Courier) -> Signer {
         Signer {
             origin: c.server_name.clone(),
-            key: courier::signing::keyfile::read(&c.dir.path().join("keys/signing.key")).unwrap(),
+            key: courier::signing::keyfile::read(c.dir.path().join("keys/signing.key")).unwrap(),
         }
     }
 

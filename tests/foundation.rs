@@ -41,8 +41,7 @@ async fn key_server_publishes_a_key_that_matches_the_file_and_verifies_elsewhere
         .as_str()
         .unwrap()
         .to_owned();
-    let from_file =
-        courier::signing::keyfile::read(&c.dir.path().join("keys/signing.key")).unwrap();
+    let from_file = courier::signing::keyfile::read(c.dir.path().join("keys/signing.key")).unwrap();
     assert_eq!(published, from_file.public_key_base64());
     let now = courier::store::now_ms();
     let until = body["valid_until_ts"].as_u64().unwrap();
@@ -114,7 +113,7 @@ async fn remote_keys_are_fetched_checked_and_cached_across_restarts() {
     let mut remote = Courier::start().await;
     let remote_name = courier::ids::ServerName::parse(&remote.server_name).unwrap();
     let key_file =
-        courier::signing::keyfile::read(&remote.dir.path().join("keys/signing.key")).unwrap();
+        courier::signing::keyfile::read(remote.dir.path().join("keys/signing.key")).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let fed = courier::config::Federation {

@@ -246,7 +246,7 @@ impl Store {
         &'a self,
         cf_name: &'static str,
         prefix: &[u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + 'a {
+    ) -> impl Iterator<Item = Result<super::KeyValue, StoreError>> + 'a {
         let mut opts = rocksdb::ReadOptions::default();
         if !prefix.is_empty() {
             opts.set_iterate_upper_bound(prefix_end(prefix));

@@ -105,6 +105,9 @@ impl Batch {
     }
 }
 
+/// One raw row of a column family, as scans yield it.
+pub(crate) type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// Options fixed at open.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -124,7 +127,7 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
-    writer: tokio::sync::mpsc::UnboundedSender<AppendRequest>,
+    writer: Arc<WriterHandle>,
     /// The highest sequence number whose write is on disk.
     last_seq: Arc<AtomicU64>,
 }
@@ -206,13 +209,16 @@ impl Store {
             reserved,
             last_seq: last_seq.clone(),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("courier-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Task(e.to_string()))?;
         Ok(Store {
             db,
-            writer: tx,
+            writer: Arc::new(WriterHandle {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
             last_seq,
         })
     }
@@ -227,6 +233,9 @@ impl Store {
     pub async fn append(&self, ops: Vec<Append>) -> Result<(), StoreError> {
         let (done, rx) = tokio::sync::oneshot::channel();
         self.writer
+            .tx
+            .as_ref()
+            .expect("set until drop")
             .send(AppendRequest { ops, done })
             .map_err(|_| StoreError::Task("writer thread stopped".into()))?;
         rx.await
@@ -295,6 +304,23 @@ impl Store {
                 .sum()
         }
         walk(path)
+    }
+}
+
+/// Owns the writer thread: when the last `Store` clone goes, the channel closes and
+/// the thread is joined, so the database is really closed (and can be reopened)
+/// once every handle is dropped.
+struct WriterHandle {
+    tx: Option<tokio::sync::mpsc::UnboundedSender<AppendRequest>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

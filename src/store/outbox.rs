@@ -204,7 +204,7 @@ mod tests {
         let (_d, s) = temp_store();
         let mut b = Batch::new();
         for i in 1..=5u64 {
-            s.outbox_push(&mut b, "b.test", i, &vec![b'x'; 100]);
+            s.outbox_push(&mut b, "b.test", i, &[b'x'; 100]);
         }
         s.outbox_push(&mut b, "a.test", 9, b"{}");
         s.outbox_push(&mut b, "b.test2", 9, b"{}");
