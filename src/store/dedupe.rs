@@ -63,4 +63,34 @@ mod tests {
         assert!(!s.seen(Marker::InboundTxn, &["o.test", "t2"]).unwrap());
         assert!(!s.seen(Marker::InboundTxn, &["o.tes", "tt1"]).unwrap());
     }
+
+    #[tokio::test]
+    async fn markers_expire_after_the_ttl_at_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::store::StoreOptions {
+            dedupe_ttl: std::time::Duration::from_millis(1),
+        };
+        let s = Store::open(dir.path(), &opts).unwrap();
+        let mut b = Batch::new();
+        s.mark(&mut b, Marker::MessageId, &["o.test", "old"]);
+        s.commit(b).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut b = Batch::new();
+        s.mark(&mut b, Marker::ClientTxn, &["@a:x", "D", "m.t", "t"]);
+        s.commit(b).await.unwrap();
+        for m in [Marker::MessageId, Marker::ClientTxn] {
+            s.db().flush_cf(s.cf(m.cf())).unwrap();
+            s.db().compact_range_cf(s.cf(m.cf()), None::<&[u8]>, None::<&[u8]>);
+        }
+        assert!(!s.seen(Marker::MessageId, &["o.test", "old"]).unwrap(), "expired");
+        // With a long TTL nothing is dropped.
+        drop(s);
+        let s = Store::open(dir.path(), &crate::store::StoreOptions::default()).unwrap();
+        let mut b = Batch::new();
+        s.mark(&mut b, Marker::MessageId, &["o.test", "new"]);
+        s.commit(b).await.unwrap();
+        s.db().flush_cf(s.cf(cf::MESSAGE_IDS)).unwrap();
+        s.db().compact_range_cf(s.cf(cf::MESSAGE_IDS), None::<&[u8]>, None::<&[u8]>);
+        assert!(s.seen(Marker::MessageId, &["o.test", "new"]).unwrap());
+    }
 }
