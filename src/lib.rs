@@ -7,6 +7,7 @@
 
 pub mod admin_cli;
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -1,5 +1,6 @@
 //! The `courier` command line: `serve`, `keygen`, `json canonical|sign`, and
-//! `user add`, `device add|delete|list` (which call the running server's admin API).
+//! `user add`, `device add|delete|list` (which call the running server's admin API),
+//! and `bench` (the delivery benchmark, `courier::bench`).
 //!
 //! Thin by design: parse arguments, call into the library, print the result alone on
 //! stdout (logs go to stderr) and exit non-zero with a one-line error on failure.
@@ -52,6 +53,9 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Delivery-throughput benchmark: two couriers (and with --synapse two Synapses)
+    /// on loopback; prints a table and one JSON line.
+    Bench(courier::bench::Options),
 }
 
 #[derive(Subcommand)]
@@ -155,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin(&config, admin_cli::Command::UserAdd { user_id })
             }
         },
+        Command::Bench(options) => courier::bench::main(options),
         Command::Device { command } => match command {
             DeviceCommand::Add {
                 user_id,

@@ -72,6 +72,7 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
         };
     }
     r.route("/_matrix/{*rest}", any(crate::error::unrecognized))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
         .with_state(app.clone())
 }
 
@@ -104,14 +105,16 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
                 std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = true, resources = ?listener.resources, "listening");
-            let server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
+            harden(server.http_builder());
             tasks.spawn(async move { server.serve(service).await });
         } else {
             let std_listener =
                 std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = false, resources = ?listener.resources, "listening");
-            let server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
+            harden(server.http_builder());
             tasks.spawn(async move { server.serve(service).await });
         }
     }
@@ -136,6 +139,23 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A client that does not send its request headers within this time is dropped
+/// (slow-loris); one that stalls sending its body, after `BODY_READ_TIMEOUT`.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connection-level limits shared by every listener.
+fn harden(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(256);
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -46,15 +46,7 @@ async fn receiver_outage_backs_off_then_delivers_everything_once() {
         assert!(Instant::now() < end, "no backoff in log:\n{}", a.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let dests: Value = insecure_client()
-        .get(a.url("/_courier/admin/v1/destinations"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dests: Value = a.admin_get("/_courier/admin/v1/destinations").await;
     let d = &dests["destinations"][&b.server_name];
     assert!(d["failures"].as_u64().unwrap() >= 1, "{dests}");
     assert!(d["queued"].as_u64().unwrap() >= 1, "{dests}");
@@ -409,15 +401,7 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_not_retried_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The poisoned EDU was parked, with a warning, and the queue is empty.
-    let dests: Value = insecure_client()
-        .get(a.url("/_courier/admin/v1/destinations"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dests: Value = a.admin_get("/_courier/admin/v1/destinations").await;
     let d = &dests["destinations"][&fake.server_name()];
     assert_eq!(d["parked"], 1, "{dests}");
     assert_eq!(d["queued"], 0, "{dests}");

@@ -135,6 +135,19 @@ pub async fn send_many(
 }
 
 impl Courier {
+    /// `GET` an admin path with the admin token; the JSON answer.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        insecure_client()
+            .get(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Base URL for client requests.
     pub fn base(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)

@@ -1,0 +1,456 @@
+//! The traffic of a benchmark, the same against courier and Synapse: senders `PUT
+//! sendToDevice` on the origin server, receivers long-poll `/sync` on the destination
+//! servers and acknowledge by syncing on. Every message's content carries its id and
+//! its send time (µs since the Unix epoch), padded to the payload size; a receiver
+//! records the latency (receive time - send time) and whether it saw that id before.
+//!
+//! Owns: message addressing and bodies, the send loop (retransmitting the same txnId
+//! on errors, as a client must), the sync loop, the shared counters a progress line
+//! and the coordinator read. It never starts or stops a server, and never panics on
+//! what a server answers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::histogram::Histogram;
+use super::node::Device;
+
+/// Event type of measured messages.
+pub const BENCH_TYPE: &str = "org.courier.bench";
+/// Event type of the warm-up message (key exchange before measuring).
+pub const WARMUP_TYPE: &str = "org.courier.bench.warmup";
+/// Event type of the message a restarted destination sends back to the origin.
+pub const POKE_TYPE: &str = "org.courier.bench.poke";
+/// Long-poll timeout of receivers.
+const SYNC_TIMEOUT_MS: u64 = 10_000;
+/// Attempts per message before a sender gives up on it.
+const SEND_ATTEMPTS: u32 = 8;
+
+/// Microseconds since the Unix epoch.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Where messages go: per destination server, one recipient user and its devices.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub user_id: String,
+    pub device_ids: Vec<String>,
+}
+
+/// What the senders do.
+#[derive(Debug, Clone)]
+pub struct SendPlan {
+    /// Stop after this many message ids were handed out...
+    pub limit: u64,
+    /// ...or once this instant has passed.
+    pub deadline: Option<Instant>,
+    pub payload: usize,
+    /// Devices per message: 1 = one named device; more = `*` to a user with that many.
+    pub fanout: usize,
+    pub targets: Vec<Target>,
+}
+
+impl SendPlan {
+    /// The request body of message `n`, sent at `ts` (µs since the epoch).
+    pub fn body(&self, n: u64, ts: u64) -> String {
+        let d = self.targets.len().max(1) as u64;
+        let Some(target) = self.targets.get((n % d) as usize) else {
+            return "{\"messages\":{}}".to_owned();
+        };
+        let device = if self.fanout > 1 {
+            "*"
+        } else {
+            let k = target.device_ids.len().max(1) as u64;
+            target
+                .device_ids
+                .get(((n / d) % k) as usize)
+                .map(String::as_str)
+                .unwrap_or("*")
+        };
+        let bare = format!("{{\"id\":{n},\"ts\":{ts},\"pad\":\"\"}}");
+        let pad = self.payload.saturating_sub(bare.len());
+        let content = format!("{{\"id\":{n},\"ts\":{ts},\"pad\":\"{}\"}}", "x".repeat(pad));
+        format!(
+            "{{\"messages\":{{\"{}\":{{\"{device}\":{content}}}}}}}",
+            target.user_id
+        )
+    }
+}
+
+/// Counters shared by senders, receivers, the progress line and the coordinator.
+#[derive(Debug)]
+pub struct Shared {
+    pub epoch: Instant,
+    pub next_id: AtomicU64,
+    pub sent: AtomicU64,
+    pub send_failures: AtomicU64,
+    pub delivered: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// µs since `epoch` of the first send; `u64::MAX` before.
+    pub first_send_us: AtomicU64,
+    /// µs since `epoch` of the last new delivery; 0 before.
+    pub last_delivery_us: AtomicU64,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            send_failures: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            first_send_us: AtomicU64::new(u64::MAX),
+            last_delivery_us: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Shared {
+    pub fn since_epoch_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn note_error(&self, e: String) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some(e);
+        }
+    }
+}
+
+fn send_url(base: &str, ty: &str, txn: &str) -> String {
+    format!("{base}/_matrix/client/v3/sendToDevice/{ty}/{txn}")
+}
+
+/// One `sendToDevice`, retransmitted with the same txnId on errors; true once 200.
+async fn put_to_device(
+    http: &reqwest::Client,
+    from: &Device,
+    ty: &str,
+    txn: &str,
+    body: String,
+    shared: &Shared,
+) -> bool {
+    let url = send_url(&from.base, ty, txn);
+    for attempt in 1..=SEND_ATTEMPTS {
+        let r = http
+            .put(&url)
+            .bearer_auth(&from.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await;
+        let wait = match r {
+            Ok(r) if r.status().is_success() => {
+                let _ = r.bytes().await;
+                return true;
+            }
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                shared.note_error(format!("sendToDevice: {status} {text}"));
+                if status.as_u16() == 429 {
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v["retry_after_ms"].as_u64())
+                        .map(Duration::from_millis)
+                        .unwrap_or(Duration::from_millis(200))
+                } else {
+                    Duration::from_millis(100 * u64::from(attempt))
+                }
+            }
+            Err(e) => {
+                shared.note_error(format!("sendToDevice: {e}"));
+                Duration::from_millis(100 * u64::from(attempt))
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+    false
+}
+
+/// A sender: takes the next id until the plan says stop, one request at a time.
+pub async fn send_loop(
+    http: reqwest::Client,
+    from: Device,
+    plan: Arc<SendPlan>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        if plan.deadline.is_some_and(|d| Instant::now() >= d) {
+            return;
+        }
+        let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if n >= plan.limit {
+            return;
+        }
+        shared
+            .first_send_us
+            .fetch_min(shared.since_epoch_us(), Ordering::Relaxed);
+        let body = plan.body(n, unix_us());
+        if put_to_device(&http, &from, BENCH_TYPE, &format!("b{n}"), body, &shared).await {
+            shared.sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.send_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends one unmeasured message (warm-up, poke); true once accepted.
+pub async fn send_one(
+    http: &reqwest::Client,
+    from: &Device,
+    ty: &str,
+    txn: &str,
+    to_user: &str,
+    to_device: &str,
+    shared: &Shared,
+) -> bool {
+    let body = format!(
+        "{{\"messages\":{{\"{to_user}\":{{\"{to_device}\":{{\"at\":{}}}}}}}}}",
+        unix_us()
+    );
+    put_to_device(http, from, ty, txn, body, shared).await
+}
+
+#[derive(Deserialize)]
+struct SyncBody {
+    next_batch: String,
+    #[serde(default)]
+    to_device: Option<ToDevice>,
+}
+
+#[derive(Deserialize)]
+struct ToDevice {
+    #[serde(default)]
+    events: Vec<Event>,
+}
+
+#[derive(Deserialize)]
+struct Event {
+    #[serde(rename = "type", default)]
+    ty: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct Content {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    ts: Option<u64>,
+}
+
+/// The answer of one sync: the next token and the (type, id, ts) of its events.
+pub struct SyncPage {
+    pub next_batch: String,
+    pub events: Vec<(String, Option<u64>, Option<u64>)>,
+}
+
+/// One `/sync`; `Err` with a reason on anything but a parsable 200.
+pub async fn sync_once(
+    http: &reqwest::Client,
+    dev: &Device,
+    since: Option<&str>,
+    timeout_ms: u64,
+) -> Result<SyncPage, String> {
+    let mut url = format!("{}/_matrix/client/v3/sync?timeout={timeout_ms}", dev.base);
+    if let Some(s) = since {
+        url.push_str("&since=");
+        url.push_str(&percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string());
+    }
+    let r = http
+        .get(&url)
+        .bearer_auth(&dev.token)
+        .timeout(Duration::from_millis(timeout_ms) + Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!(
+            "sync: {status} {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        ));
+    }
+    let body: SyncBody = serde_json::from_slice(&bytes).map_err(|e| format!("sync body: {e}"))?;
+    let events = body
+        .to_device
+        .map(|t| t.events)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| {
+            let (id, ts) = e.content.map(|c| (c.id, c.ts)).unwrap_or((None, None));
+            (e.ty, id, ts)
+        })
+        .collect();
+    Ok(SyncPage {
+        next_batch: body.next_batch,
+        events,
+    })
+}
+
+/// Syncs `dev` until an event of type `ty` arrived (then acknowledges it) or
+/// `within` passed; returns the token to continue from.
+pub async fn sync_until_type(
+    http: &reqwest::Client,
+    dev: &Device,
+    since: Option<String>,
+    ty: &str,
+    within: Duration,
+) -> Result<Option<String>, String> {
+    let deadline = Instant::now() + within;
+    let mut since = since;
+    let mut last_err = String::new();
+    while Instant::now() < deadline {
+        match sync_once(http, dev, since.as_deref(), 2_000).await {
+            Ok(page) => {
+                let found = page.events.iter().any(|(t, _, _)| t == ty);
+                since = Some(page.next_batch);
+                if found {
+                    // Acknowledge it at once.
+                    if let Ok(p) = sync_once(http, dev, since.as_deref(), 0).await {
+                        since = Some(p.next_batch);
+                    }
+                    return Ok(since);
+                }
+            }
+            Err(e) => {
+                last_err = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Err(format!(
+        "{} on {} did not receive `{ty}` within {within:?} {last_err}",
+        dev.device_id, dev.base
+    ))
+}
+
+/// What one receiver saw.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub latency_us: Histogram,
+    pub delivered: u64,
+    pub duplicates: u64,
+    /// The token it ended with (everything before it acknowledged).
+    pub since: Option<String>,
+}
+
+/// A receiver: long-polls until `stop` says so, then acknowledges what it got.
+pub async fn receive_loop(
+    http: reqwest::Client,
+    dev: Device,
+    since: Option<String>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Received {
+    let mut out = Received {
+        since,
+        ..Received::default()
+    };
+    let mut seen: Vec<u64> = Vec::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let page = tokio::select! {
+            r = sync_once(&http, &dev, out.since.as_deref(), SYNC_TIMEOUT_MS) => r,
+            _ = stop.changed() => break,
+        };
+        let page = match page {
+            Ok(p) => p,
+            Err(e) => {
+                shared.note_error(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let now = unix_us();
+        for (ty, id, ts) in &page.events {
+            let (Some(id), Some(ts)) = (id, ts) else {
+                continue;
+            };
+            if ty != BENCH_TYPE {
+                continue;
+            }
+            let (word, bit) = ((*id / 64) as usize, id % 64);
+            if seen.len() <= word {
+                seen.resize(word + 1, 0);
+            }
+            if seen[word] & (1 << bit) != 0 {
+                out.duplicates += 1;
+                shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            seen[word] |= 1 << bit;
+            out.delivered += 1;
+            out.latency_us.record(now.saturating_sub(*ts));
+            shared.delivered.fetch_add(1, Ordering::Relaxed);
+            shared
+                .last_delivery_us
+                .fetch_max(shared.since_epoch_us(), Ordering::Relaxed);
+        }
+        out.since = Some(page.next_batch);
+    }
+    // Acknowledge the last page: nothing we saw may stay on the server.
+    if let Some(s) = out.since.clone()
+        && let Ok(page) = sync_once(&http, &dev, Some(&s), 0).await
+        && page.events.is_empty()
+    {
+        out.since = Some(page.next_batch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(fanout: usize, payload: usize) -> SendPlan {
+        SendPlan {
+            limit: 10,
+            deadline: None,
+            payload,
+            fanout,
+            targets: vec![
+                Target {
+                    user_id: "@r:127.0.0.1:1".into(),
+                    device_ids: vec!["D0".into(), "D1".into()],
+                },
+                Target {
+                    user_id: "@r:127.0.0.1:2".into(),
+                    device_ids: vec!["D0".into(), "D1".into()],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn bodies_are_padded_json_addressed_round_robin() {
+        let p = plan(1, 300);
+        let b: serde_json::Value = serde_json::from_str(&p.body(3, 42)).unwrap();
+        // 3 % 2 = destination 1; (3 / 2) % 2 = device 1.
+        let c = &b["messages"]["@r:127.0.0.1:2"]["D1"];
+        assert_eq!(c["id"], 3);
+        assert_eq!(c["ts"], 42);
+        assert_eq!(serde_json::to_string(c).unwrap().len(), 300);
+        let p = plan(5, 10);
+        let b: serde_json::Value = serde_json::from_str(&p.body(4, 1)).unwrap();
+        assert_eq!(b["messages"]["@r:127.0.0.1:1"]["*"]["id"], 4);
+    }
+}

@@ -1,0 +1,101 @@
+//! `courier bench` end to end at a tiny size, through the binary: the JSON line parses,
+//! every message arrived exactly once, and the documented field names are there.
+//!
+//! It never asserts on timings (the figures depend on the machine).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const FIELDS: &[&str] = &[
+    "sent",
+    "delivered",
+    "duplicates",
+    "msgs_per_sec",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "max_rss_mib",
+    "transactions_per_sec",
+    "edus_per_txn",
+    "wire_bytes",
+    "rss_mib_a",
+    "rss_mib_b",
+    "cpu_seconds_a",
+    "cpu_seconds_b",
+    "store_bytes_a",
+    "store_bytes_b",
+    "scenario",
+    "fanout",
+];
+
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run courier bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "courier bench failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout}");
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn check(v: &Value, scenario: &str) {
+    for f in FIELDS {
+        assert!(v.get(*f).is_some(), "field `{f}` missing: {v}");
+    }
+    assert_eq!(v["scenario"], scenario);
+    let sent = v["sent"].as_u64().unwrap();
+    let fanout = v["fanout"].as_u64().unwrap();
+    assert!(sent > 0, "{v}");
+    assert_eq!(v["delivered"].as_u64().unwrap(), sent * fanout, "{v}");
+    assert_eq!(v["duplicates"].as_u64().unwrap(), 0, "{v}");
+    assert!(v["transactions_per_sec"].as_f64().is_some(), "{v}");
+    assert!(v["wire_bytes"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn one_to_one_delivers_every_message_once() {
+    let v = bench(&["--messages", "200", "--concurrency", "8"]);
+    check(&v, "one-to-one");
+    assert_eq!(v["sent"], 200);
+    assert!(v.get("synapse").is_none());
+}
+
+#[test]
+fn fan_out_delivers_to_every_device() {
+    let v = bench(&[
+        "--scenario",
+        "fan-out",
+        "--fanout",
+        "5",
+        "--messages",
+        "40",
+        "--concurrency",
+        "4",
+    ]);
+    check(&v, "fan-out");
+    assert_eq!(v["delivered"], 200);
+}
+
+#[test]
+fn backlog_drains_after_the_destination_restarts() {
+    let v = bench(&[
+        "--scenario",
+        "backlog",
+        "--messages",
+        "100",
+        "--concurrency",
+        "8",
+    ]);
+    check(&v, "backlog");
+    assert!(v["drain_seconds"].as_f64().is_some(), "{v}");
+}
