@@ -43,7 +43,11 @@ fn main() -> std::process::ExitCode {
             if c.delivered == c.expected() && c.duplicates == 0 {
                 std::process::ExitCode::SUCCESS
             } else {
-                eprintln!("delivery bench: {} of {} delivered", c.delivered, c.expected());
+                eprintln!(
+                    "delivery bench: {} of {} delivered",
+                    c.delivered,
+                    c.expected()
+                );
                 std::process::ExitCode::FAILURE
             }
         }

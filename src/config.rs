@@ -95,6 +95,10 @@ pub struct Federation {
     /// Timeout of one outbound request, connection included.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// EDUs queued for one destination at most; beyond it `sendToDevice` answers 429.
+    pub max_queued_per_destination: u64,
+    /// Transactions in flight at once, over all destinations (outbound connections).
+    pub max_concurrent_transactions: usize,
 }
 
 impl Default for Federation {
@@ -111,6 +115,8 @@ impl Default for Federation {
             backoff_multiplier: 2.0,
             backoff_max: Duration::from_secs(2 * 3600),
             request_timeout: Duration::from_secs(60),
+            max_queued_per_destination: 1_000_000,
+            max_concurrent_transactions: 256,
         }
     }
 }
@@ -288,6 +294,12 @@ impl Config {
                 "federation.key_validity",
                 "must be at least 1h (the spec: never serve keys that expire within an hour)",
             );
+        }
+        if f.max_queued_per_destination == 0 {
+            return bad("federation.max_queued_per_destination", "must be positive");
+        }
+        if f.max_concurrent_transactions == 0 {
+            return bad("federation.max_concurrent_transactions", "must be positive");
         }
         if f.max_transaction_bytes < 64 * 1024 {
             return bad(

@@ -429,3 +429,54 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_not_retried_
         .unwrap();
     assert_eq!(r.status(), 401, "metrics need the admin token");
 }
+
+#[tokio::test]
+async fn a_full_destination_queue_refuses_new_messages_with_429_then_recovers() {
+    let a = Courier::start_with(
+        "[federation]\nallow_private_destinations = true\nverify_certificates = false\nbackoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\nmax_queued_per_destination = 5\n",
+    )
+    .await;
+    let mut b = Courier::start().await;
+    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
+    let bob_id = format!("@bob:{}", b.server_name);
+    let bob = device(&b, &bob_id, "BOB").await;
+    b.kill();
+    send_many(&a.base(), &alice, &bob_id, "BOB", 0..5).await;
+    let r = insecure_client()
+        .put(a.url("/_matrix/client/v3/sendToDevice/m.test/over"))
+        .bearer_auth(&alice)
+        .json(&json!({"messages": {&bob_id: {"BOB": {"n": 99}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["errcode"], "M_LIMIT_EXCEEDED");
+    b.spawn().await;
+    let seen = sync_until(&b.base(), &bob, 5, Duration::from_secs(30)).await;
+    assert_exactly_once(&seen, 5);
+    // Drained: the same request is accepted now (nothing was stored the first time).
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = insecure_client()
+            .put(a.url("/_matrix/client/v3/sendToDevice/m.test/over"))
+            .bearer_auth(&alice)
+            .json(&json!({"messages": {&bob_id: {"BOB": {"n": 5}}}}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "queue never drained: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let more = sync_until(&b.base(), &bob, 1, Duration::from_secs(30)).await;
+    assert_eq!(more, vec![5]);
+}

@@ -96,6 +96,8 @@ pub struct Shared {
     pub duplicates: AtomicU64,
     /// µs since `epoch` of the first send; `u64::MAX` before.
     pub first_send_us: AtomicU64,
+    /// µs since `epoch` of the last accepted send; 0 before.
+    pub last_send_us: AtomicU64,
     /// µs since `epoch` of the last new delivery; 0 before.
     pub last_delivery_us: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
@@ -111,6 +113,7 @@ impl Default for Shared {
             delivered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             first_send_us: AtomicU64::new(u64::MAX),
+            last_send_us: AtomicU64::new(0),
             last_delivery_us: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
         }
@@ -202,6 +205,9 @@ pub async fn send_loop(
         let body = plan.body(n, unix_us());
         if put_to_device(&http, &from, BENCH_TYPE, &format!("b{n}"), body, &shared).await {
             shared.sent.fetch_add(1, Ordering::Relaxed);
+            shared
+                .last_send_us
+                .fetch_max(shared.since_epoch_us(), Ordering::Relaxed);
         } else {
             shared.send_failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -270,7 +276,10 @@ pub async fn sync_once(
     let mut url = format!("{}/_matrix/client/v3/sync?timeout={timeout_ms}", dev.base);
     if let Some(s) = since {
         url.push_str("&since=");
-        url.push_str(&percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string());
+        url.push_str(
+            &percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                .to_string(),
+        );
     }
     let r = http
         .get(&url)

@@ -110,7 +110,10 @@ mod tests {
             assert!(i >= last, "{v}");
             last = i;
             let mid = value(i) as f64;
-            assert!((mid - v as f64).abs() <= v as f64 / 64.0 + 1.0, "{v} -> {mid}");
+            assert!(
+                (mid - v as f64).abs() <= v as f64 / 64.0 + 1.0,
+                "{v} -> {mid}"
+            );
         }
     }
 

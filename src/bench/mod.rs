@@ -431,7 +431,11 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         )
         .await;
         if !ok {
-            bail!("{}: warm-up message refused: {:?}", kind.name(), shared.last_error.lock().map(|e| e.clone()));
+            bail!(
+                "{}: warm-up message refused: {:?}",
+                kind.name(),
+                shared.last_error.lock().map(|e| e.clone())
+            );
         }
         let (dev, since) = &mut receivers[j * per_dest];
         *since = driver::sync_until_type(
@@ -488,6 +492,8 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             .collect::<Vec<_>>()
     };
     let run_senders = || async {
+        // Returns when every sender is done; the time of the last accepted send is in
+        // `shared.last_send_us`.
         let tasks: Vec<_> = (0..o.concurrency)
             .map(|i| {
                 tokio::spawn(driver::send_loop(
@@ -501,17 +507,16 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         for t in tasks {
             let _ = t.await;
         }
-        shared.since_epoch_us()
     };
 
     let mut back_up_us = None;
-    let (receiver_tasks, sends_done_us) = if o.scenario == Scenario::Backlog {
+    let receiver_tasks = if o.scenario == Scenario::Backlog {
         progress.set("stopping B", Goal::None);
         for b in &mut rig.bs {
             b.stop().await;
         }
         progress.set("queueing on A (B is down)", send_goal);
-        let done = run_senders().await;
+        run_senders().await;
         say(&format!(
             "{}: {} messages queued on A; restarting B",
             kind.name(),
@@ -537,11 +542,12 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             )
             .await;
         }
-        (spawn_receivers(&receivers), done)
+        spawn_receivers(&receivers)
     } else {
         let tasks = spawn_receivers(&receivers);
         progress.set("sending", send_goal);
-        (tasks, run_senders().await)
+        run_senders().await;
+        tasks
     };
 
     let sent = shared.sent.load(Ordering::Relaxed);
@@ -627,7 +633,14 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         store_bytes_a_start: store_a_start,
         store_bytes_b_start: store_b_start,
         elapsed_seconds: round(elapsed, 3),
-        send_seconds: round(sends_done_us.saturating_sub(first_us.min(sends_done_us)) as f64 / 1e6, 3),
+        send_seconds: round(
+            shared
+                .last_send_us
+                .load(Ordering::Relaxed)
+                .saturating_sub(first_us) as f64
+                / 1e6,
+            3,
+        ),
         drain_seconds: drain.map(|d| round(d, 3)),
         fanout,
         payload: o.payload,
@@ -665,11 +678,14 @@ fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
+/// How one table row renders one server's figures.
+type Cell = Box<dyn Fn(&Measured) -> String>;
+
 /// The human-readable table (one column per server).
 pub fn table(r: &Report) -> String {
     let c = &r.courier;
     let cols: Vec<&Measured> = std::iter::once(c).chain(&r.synapse).collect();
-    let rows: Vec<(&str, Box<dyn Fn(&Measured) -> String>)> = vec![
+    let rows: Vec<(&str, Cell)> = vec![
         ("sent", Box::new(|m| m.sent.to_string())),
         ("delivered", Box::new(|m| m.delivered.to_string())),
         ("duplicates", Box::new(|m| m.duplicates.to_string())),
@@ -677,16 +693,31 @@ pub fn table(r: &Report) -> String {
         ("latency p50 ms", Box::new(|m| format!("{:.1}", m.p50_ms))),
         ("latency p99 ms", Box::new(|m| format!("{:.1}", m.p99_ms))),
         ("latency max ms", Box::new(|m| format!("{:.1}", m.max_ms))),
-        ("elapsed s", Box::new(|m| format!("{:.2}", m.elapsed_seconds))),
+        (
+            "elapsed s",
+            Box::new(|m| format!("{:.2}", m.elapsed_seconds)),
+        ),
         (
             "drain s",
             Box::new(|m| m.drain_seconds.map_or("-".into(), |d| format!("{d:.2}"))),
         ),
-        ("transactions/s", Box::new(|m| format!("{:.1}", m.transactions_per_sec))),
-        ("EDUs/transaction", Box::new(|m| format!("{:.2}", m.edus_per_txn))),
+        (
+            "transactions/s",
+            Box::new(|m| format!("{:.1}", m.transactions_per_sec)),
+        ),
+        (
+            "EDUs/transaction",
+            Box::new(|m| format!("{:.2}", m.edus_per_txn)),
+        ),
         ("federation wire MiB", Box::new(|m| mib(m.wire_bytes))),
-        ("peak RSS A MiB", Box::new(|m| format!("{:.1}", m.rss_mib_a))),
-        ("peak RSS B MiB", Box::new(|m| format!("{:.1}", m.rss_mib_b))),
+        (
+            "peak RSS A MiB",
+            Box::new(|m| format!("{:.1}", m.rss_mib_a)),
+        ),
+        (
+            "peak RSS B MiB",
+            Box::new(|m| format!("{:.1}", m.rss_mib_b)),
+        ),
         ("CPU s A", Box::new(|m| format!("{:.2}", m.cpu_seconds_a))),
         ("CPU s B", Box::new(|m| format!("{:.2}", m.cpu_seconds_b))),
         (
@@ -739,8 +770,8 @@ mod tests {
         assert_eq!(o.fanout(), 100);
         let o = Options::try_parse_from(["bench", "--fanout", "3"]).unwrap();
         assert!(o.validate().is_err());
-        let o = Options::try_parse_from(["bench", "--scenario", "backlog", "--messages", "0"])
-            .unwrap();
+        let o =
+            Options::try_parse_from(["bench", "--scenario", "backlog", "--messages", "0"]).unwrap();
         assert!(o.validate().is_err());
         assert!(Options::try_parse_from(["bench", "--scenario", "sideways"]).is_err());
     }

@@ -178,8 +178,7 @@ impl SynapseEnv {
                         .join(".cache/courier-synapse")
                 }),
         };
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("creating {}", root.display()))?;
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let out = Command::new("flock")
             .arg(root.join(".install.lock"))
             .arg("bash")
@@ -556,7 +555,9 @@ impl Node {
         device_id: &str,
     ) -> anyhow::Result<String> {
         if let Flavor::Synapse { .. } = self.flavor {
-            return self.login(localpart, &password_of(localpart), device_id).await;
+            return self
+                .login(localpart, &password_of(localpart), device_id)
+                .await;
         }
         let r = self
             .http
@@ -575,7 +576,12 @@ impl Node {
         }
     }
 
-    async fn login(&self, localpart: &str, password: &str, device_id: &str) -> anyhow::Result<String> {
+    async fn login(
+        &self,
+        localpart: &str,
+        password: &str,
+        device_id: &str,
+    ) -> anyhow::Result<String> {
         let body = json!({
             "type": "m.login.password",
             "identifier": {"type": "m.id.user", "user": localpart},
@@ -792,7 +798,10 @@ mod tests {
                     courier_transactions_sent_total{dest=\"a\"} 3\n\
                     courier_transactions_sent_total{dest=\"b\"} 4\n";
         assert_eq!(prometheus_counter(text, "courier_edus_sent_total"), 1200);
-        assert_eq!(prometheus_counter(text, "courier_transactions_sent_total"), 7);
+        assert_eq!(
+            prometheus_counter(text, "courier_transactions_sent_total"),
+            7
+        );
         assert_eq!(prometheus_counter(text, "courier_missing_total"), 0);
     }
 

@@ -94,7 +94,19 @@ pub async fn send_to_device(
         .iter()
         .map(|(u, d, _)| (u.clone(), d.clone()))
         .collect();
-    let dests: BTreeSet<String> = edus.iter().map(|(dest, _)| dest.clone()).collect();
+    let mut per_dest: BTreeMap<String, u64> = BTreeMap::new();
+    for (dest, _) in &edus {
+        *per_dest.entry(dest.clone()).or_default() += 1;
+    }
+    if let Err(full) = app
+        .sender
+        .admit(per_dest.iter().map(|(d, n)| (d.as_str(), *n)))
+    {
+        return Err(ApiError::limit_exceeded(
+            format!("the queue for {full} is full; try again later"),
+            30,
+        ));
+    }
     // One append: the writer numbers the rows in order and writes them, with the
     // txn marker, in one synced batch.
     let mut ops: Vec<Append> = Vec::with_capacity(local.len() + edus.len() + 1);
@@ -122,10 +134,10 @@ pub async fn send_to_device(
         for (user, dev) in &woken {
             task_app.notifier.wake_device(user, dev);
         }
-        for dest in &dests {
-            task_app.sender.wake(dest);
+        for (dest, n) in &per_dest {
+            task_app.sender.enqueued(dest, *n);
         }
-        Ok::<_, StoreError>((woken.len(), dests.len()))
+        Ok::<_, StoreError>((woken.len(), per_dest.len()))
     })
     .await
     .map_err(ApiError::internal)??;

@@ -44,6 +44,8 @@ pub struct SenderConfig {
     pub max_transaction_bytes: usize,
     /// Transactions in flight at once over all destinations.
     pub max_concurrent: usize,
+    /// EDUs queued per destination at most.
+    pub max_queued: u64,
 }
 
 impl SenderConfig {
@@ -55,7 +57,8 @@ impl SenderConfig {
                 max: f.backoff_max,
             },
             max_transaction_bytes: f.max_transaction_bytes,
-            max_concurrent: 256,
+            max_concurrent: f.max_concurrent_transactions,
+            max_queued: f.max_queued_per_destination,
         }
     }
 }
@@ -72,6 +75,9 @@ struct Inner {
     config: SenderConfig,
     /// Destinations with a running task; the flag says "look again before exiting".
     active: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// EDUs queued per destination (approximate: counted at start, then kept up to
+    /// date on enqueue, acknowledgement and parking), for the queue bound.
+    queued: Mutex<HashMap<String, u64>>,
     /// Destinations known to be backing off (saves a store read per inbound request).
     backing_off: Mutex<HashSet<String>>,
     timers: mpsc::UnboundedSender<(Instant, String)>,
@@ -89,6 +95,7 @@ impl Sender {
                 permits: Semaphore::new(config.max_concurrent),
                 config,
                 active: Mutex::default(),
+                queued: Mutex::default(),
                 backing_off: Mutex::default(),
                 timers: tx,
                 timer_rx: Mutex::new(Some(rx)),
@@ -111,6 +118,12 @@ impl Sender {
         }
         let now = Instant::now();
         for (i, dest) in dests.into_iter().enumerate() {
+            let (depth, _) = self.inner.store.outbox_depth(&dest)?;
+            self.inner
+                .queued
+                .lock()
+                .expect("queued")
+                .insert(dest.clone(), depth as u64);
             let st = self.inner.store.dest_state(&dest)?;
             if st.failures > 0 {
                 self.inner
@@ -125,6 +138,44 @@ impl Sender {
                 .send((now + STARTUP_STAGGER * i as u32, dest));
         }
         Ok(())
+    }
+
+    /// Checks the per-destination queue bound before a request adds `adding` EDUs
+    /// per destination; `Err(dest)` names the first destination that is full.
+    pub fn admit<'a>(
+        &self,
+        adding: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<(), String> {
+        let queued = self.inner.queued.lock().expect("queued");
+        for (dest, n) in adding {
+            if queued.get(dest).copied().unwrap_or(0) + n > self.inner.config.max_queued {
+                metrics::counter!("courier_queue_full_refusals_total").increment(1);
+                return Err(dest.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` EDUs were committed to `dest`'s queue: count them and wake its task.
+    pub fn enqueued(&self, dest: &str, n: u64) {
+        *self
+            .inner
+            .queued
+            .lock()
+            .expect("queued")
+            .entry(dest.to_owned())
+            .or_default() += n;
+        self.wake(dest);
+    }
+
+    fn dequeued(&self, dest: &str, n: u64) {
+        let mut q = self.inner.queued.lock().expect("queued");
+        if let Some(c) = q.get_mut(dest) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                q.remove(dest);
+            }
+        }
     }
 
     /// `dest` has new EDUs queued (call after the commit). Starts its delivery task
@@ -298,13 +349,12 @@ impl Sender {
             .request(name, reqwest::Method::PUT, &path, Some(&body))
             .await;
         drop(_permit);
-        let (status, detail, retry_after) = match &reply {
+        let (status, detail) = match &reply {
             Ok(r) => (
                 Some(r.status.as_u16()),
                 String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).into_owned(),
-                None::<Duration>,
             ),
-            Err(e) => (None, e.to_string(), None),
+            Err(e) => (None, e.to_string()),
         };
         match classify(status) {
             Outcome::Delivered => {
@@ -321,6 +371,7 @@ impl Sender {
                     .lock()
                     .expect("backing_off")
                     .remove(dest);
+                self.dequeued(dest, edus.len() as u64);
                 *max_edus = MAX_EDUS_PER_TXN;
                 metrics::counter!("courier_transactions_sent_total").increment(1);
                 metrics::counter!("courier_edus_sent_total").increment(edus.len() as u64);
@@ -330,10 +381,7 @@ impl Sender {
             Outcome::Retry => {
                 st.failures = st.failures.saturating_add(1);
                 let jitter: f64 = rand::rng().random_range(0.0..1.0);
-                let mut delay = self.inner.config.policy.delay(st.failures, jitter);
-                if let Some(ra) = retry_after {
-                    delay = delay.max(ra.min(self.inner.config.policy.max));
-                }
+                let delay = self.inner.config.policy.delay(st.failures, jitter);
                 st.next_attempt_ts = now_ms() + delay.as_millis() as u64;
                 let why = match status {
                     Some(s) => format!("HTTP {s}: {detail}"),
@@ -369,6 +417,7 @@ impl Sender {
                     metrics::counter!("courier_transactions_split_total").increment(1);
                 } else {
                     store.outbox_park(&mut b, dest, &edus[0], &why);
+                    self.dequeued(dest, 1);
                     tracing::warn!(destination = dest, seq = edus[0].seq, error = %why, "EDU refused by the destination; parked");
                     metrics::counter!("courier_edus_parked_total").increment(1);
                     *max_edus = MAX_EDUS_PER_TXN;

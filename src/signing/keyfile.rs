@@ -199,8 +199,11 @@ mod tests {
     const SPEC_SEED: &str = "YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1";
     const SPEC_PUBLIC: &str = "XGX0JRS2Af3be3knz2fBiRbApjm2Dh61gXDJA8kcJNI";
 
-    /// Parses `text`; `Ok((key_id, public_key))` or `Err(reason substring)`.
-    fn check(text: &str, expected: Result<(&str, &str), &str>) {
+    /// `Ok((key_id, public_key))`, or `Err(substring of the error message)`.
+    type Expected = Result<(&'static str, &'static str), &'static str>;
+
+    /// Parses `text` and compares with `expected`.
+    fn check(text: &str, expected: Expected) {
         let got = parse(text, Path::new("/k/signing.key"));
         match (&got, expected) {
             (Ok(key), Ok((id, public))) => {
@@ -223,7 +226,7 @@ mod tests {
     #[test]
     fn reading() {
         let ok = Ok(("ed25519:a_AbCd", SPEC_PUBLIC));
-        let table: Vec<(String, Result<(&str, &str), &str>)> = vec![
+        let table: Vec<(String, Expected)> = vec![
             (format!("ed25519 a_AbCd {SPEC_SEED}"), ok),
             (format!("ed25519 a_AbCd {SPEC_SEED}\n"), ok),
             (format!("ed25519 a_AbCd {SPEC_SEED}\r\n"), ok),

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod matrix;
+pub mod proxy;
 pub mod synapse;
 
 use std::net::TcpListener;
@@ -20,12 +21,16 @@ pub fn bin() -> PathBuf {
 }
 
 /// A port nobody listens on right now.
+/// Picked below Linux's ephemeral range (32768+), so an outgoing connection of
+/// another test cannot take it between this check and the server's bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::RngExt;
+    loop {
+        let port = rand::rng().random_range(20_000..32_000u16);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct Courier {
@@ -57,9 +62,20 @@ impl Courier {
             extra: extra.to_owned(),
             admin_token: admin_token.map(str::to_owned),
         };
-        c.write_config();
-        c.spawn().await;
-        c
+        // Another test may grab the port between the check and the bind: try anew.
+        for _ in 0..5 {
+            c.write_config();
+            match c.try_spawn().await {
+                Ok(()) => return c,
+                Err(log) if log.contains("binding") => {
+                    let _ = std::fs::remove_file(c.log_path());
+                    c.port = free_port();
+                    c.server_name = format!("127.0.0.1:{}", c.port);
+                }
+                Err(log) => panic!("courier exited early; log:\n{log}"),
+            }
+        }
+        panic!("no free port after 5 tries");
     }
 
     pub async fn start() -> Courier {
@@ -123,6 +139,13 @@ level = "courier=debug,info"
 
     /// Starts the process (again) and waits until it serves.
     pub async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("courier exited early; log:\n{log}");
+        }
+    }
+
+    /// Starts the process; `Err(log)` if it exited before serving.
+    pub async fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,17 +160,18 @@ level = "courier=debug,info"
             .spawn()
             .expect("start courier");
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
-    pub async fn wait_ready(&mut self) {
+    pub async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = insecure_client();
         loop {
             if let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("courier exited early ({status}); log:\n{}", self.log());
+                self.child = None;
+                return Err(format!("exit {status}\n{}", self.log()));
             }
             if let Ok(r) = client
                 .get(self.url("/_matrix/federation/v1/version"))
@@ -155,7 +179,7 @@ level = "courier=debug,info"
                 .await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
