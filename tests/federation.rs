@@ -480,3 +480,60 @@ async fn a_full_destination_queue_refuses_new_messages_with_429_then_recovers() 
     let more = sync_until(&b.base(), &bob, 1, Duration::from_secs(30)).await;
     assert_eq!(more, vec![5]);
 }
+
+#[tokio::test]
+async fn device_list_and_key_queries_answer_for_our_users() {
+    let origin = Courier::start().await;
+    let target = Courier::start().await;
+    let s = Signer::of(&origin);
+    let bob_id = format!("@bob:{}", target.server_name);
+    device(&target, &bob_id, "B1").await;
+    device(&target, &bob_id, "B2").await;
+    let client = insecure_client();
+
+    let uri = format!(
+        "/_matrix/federation/v1/user/devices/{}",
+        bob_id.replace(':', "%3A")
+    );
+    let r = client
+        .get(target.url(&uri))
+        .header(
+            "Authorization",
+            s.header("GET", &uri, &target.server_name, None),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["user_id"], bob_id.as_str());
+    assert!(v["stream_id"].is_u64());
+    let ids: Vec<&str> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["B1", "B2"]);
+    // Unsigned: refused.
+    assert_eq!(
+        client.get(target.url(&uri)).send().await.unwrap().status(),
+        401
+    );
+
+    let uri = "/_matrix/federation/v1/user/keys/query";
+    let body = json!({"device_keys": {&bob_id: [], "@x:elsewhere.example": []}});
+    let r = client
+        .post(target.url(uri))
+        .header(
+            "Authorization",
+            s.header("POST", uri, &target.server_name, Some(&body)),
+        )
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v, json!({"device_keys": {&bob_id: {}}}));
+}
