@@ -220,3 +220,60 @@ async fn a_signing_key_moved_from_synapse_is_published_unchanged() {
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn our_published_keys_verify_with_synapse_signedjson() {
+    let Some(venv) = venv_or_skip("our_published_keys_verify_with_synapse_signedjson") else {
+        return;
+    };
+    let c = Courier::start().await;
+    let body = c
+        .pinned_client()
+        .get(c.url("/_matrix/key/v2/server"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Synapse's own libraries (signedjson) check the self-signature; a tampered copy fails.
+    let script = r#"
+import json, sys
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import verify_signed_json, SignatureVerifyException
+from unpaddedbase64 import decode_base64
+k = json.loads(sys.stdin.read())
+def check(obj):
+    for kid, v in obj["verify_keys"].items():
+        verify_signed_json(obj, obj["server_name"], decode_verify_key_bytes(kid, decode_base64(v["key"])))
+check(k)
+k["valid_until_ts"] += 1
+try:
+    check(k)
+    print("TAMPERED-ACCEPTED")
+except SignatureVerifyException:
+    print("OK")
+"#;
+    use std::io::Write;
+    let mut child = std::process::Command::new(venv.join("bin/python"))
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
