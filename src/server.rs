@@ -61,10 +61,19 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
     let mut r: Router<App> = Router::new();
     for res in resources {
         r = match res {
-            Resource::Federation => r.merge(crate::federation::routes::router().layer(
-                DefaultBodyLimit::max(app.config.federation.max_request_bytes),
-            )),
-            Resource::Client => r.merge(crate::client::router()),
+            Resource::Federation => r.merge(
+                crate::federation::routes::router()
+                    .layer(DefaultBodyLimit::max(
+                        app.config.federation.max_request_bytes,
+                    ))
+                    .layer(announced_length_limit(
+                        app.config.federation.max_request_bytes,
+                    )),
+            ),
+            Resource::Client => r.merge(
+                crate::client::router()
+                    .layer(announced_length_limit(app.config.client.max_request_bytes)),
+            ),
             Resource::Admin => r
                 .merge(crate::client::admin::router())
                 .merge(crate::federation::admin::router())
@@ -72,7 +81,9 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
         };
     }
     r.route("/_matrix/{*rest}", any(crate::error::unrecognized))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+            BODY_READ_TIMEOUT,
+        ))
         .with_state(app.clone())
 }
 
@@ -105,7 +116,8 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
                 std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = true, resources = ?listener.resources, "listening");
-            let mut server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
+            let mut server =
+                axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
             harden(server.http_builder());
             tasks.spawn(async move { server.serve(service).await });
         } else {
@@ -142,9 +154,45 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
 }
 
 /// A client that does not send its request headers within this time is dropped
-/// (slow-loris); one that stalls sending its body, after `BODY_READ_TIMEOUT`.
+/// (slow-loris); one that has not sent its whole body within `BODY_READ_TIMEOUT`
+/// (a total deadline: dribbling one byte at a time does not extend it).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Refuses at once (413 `M_TOO_LARGE`) a request whose `Content-Length` announces
+/// more than `limit` bytes, instead of waiting for a body it would refuse anyway.
+fn announced_length_limit(
+    limit: usize,
+) -> axum::middleware::FromFnLayer<
+    impl Fn(
+        axum::extract::Request,
+        axum::middleware::Next,
+    ) -> std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send>>
+    + Clone,
+    (),
+    (axum::extract::Request,),
+> {
+    axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let announced = req
+                .headers()
+                .get(axum::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            Box::pin(async move {
+                use axum::response::IntoResponse;
+                if announced.is_some_and(|n| n > limit as u64) {
+                    return crate::error::ApiError::too_large(format!(
+                        "request body over {limit} bytes"
+                    ))
+                    .into_response();
+                }
+                next.run(req).await
+            })
+                as std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send>>
+        },
+    )
+}
 
 /// Connection-level limits shared by every listener.
 fn harden(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {

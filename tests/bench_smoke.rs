@@ -60,6 +60,9 @@ fn check(v: &Value, scenario: &str) {
     assert_eq!(v["duplicates"].as_u64().unwrap(), 0, "{v}");
     assert!(v["transactions_per_sec"].as_f64().is_some(), "{v}");
     assert!(v["wire_bytes"].as_u64().unwrap() > 0, "{v}");
+    // Everything delivered was acknowledged: nothing is left in either store.
+    assert_eq!(v["pending_rows_a"], 0, "{v}");
+    assert_eq!(v["pending_rows_b"], 0, "{v}");
 }
 
 #[test]

@@ -107,8 +107,9 @@ async fn dest_state(c: &Courier, dest: &str) -> Value {
 
 #[tokio::test]
 async fn every_network_fault_then_everything_arrives_exactly_once() {
-    let rig = Rig::start("backoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"2s\"")
-        .await;
+    let rig =
+        Rig::start("backoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"2s\"")
+            .await;
     let fake = FakeServer::start(rig.b.base()).await;
     let mut next = 0u64;
     // A first batch through a clean network: B learns A's key.
@@ -137,8 +138,10 @@ async fn every_network_fault_then_everything_arrives_exactly_once() {
         next += 20;
         // The first failure may belong to an attempt that started before the switch;
         // the second certainly met this fault.
-        rig.wait_for(name, |d| d["failures"].as_u64().unwrap_or(0) >= before + 2)
+        let d = rig
+            .wait_for(name, |d| d["failures"].as_u64().unwrap_or(0) >= before + 2)
             .await;
+        println!("{name}: {}", d["last_error"]);
     }
 
     // A slow network delays but does not fail.
@@ -186,7 +189,10 @@ async fn every_network_fault_then_everything_arrives_exactly_once() {
     // committed: A's retries of them were recognised as repeats.
     let stats = fake.stats();
     for status in [500, 502, 429] {
-        assert!(stats.answered.get(&status).copied().unwrap_or(0) >= 1, "{stats:?}");
+        assert!(
+            stats.answered.get(&status).copied().unwrap_or(0) >= 1,
+            "{stats:?}"
+        );
     }
     assert!(stats.lost >= 1, "{stats:?}");
     assert!(
@@ -239,7 +245,10 @@ async fn retries_follow_the_persisted_backoff_schedule_and_survive_a_restart() {
         .map(|((_, t0), (f1, t1))| (*f1, t1 - t0))
         .collect();
     println!("backoff gaps (failures, ms): {gaps:?}; longest wait seen {longest_wait} ms");
-    assert!(gaps.len() >= 4, "too few consecutive observations: {schedule:?}");
+    assert!(
+        gaps.len() >= 4,
+        "too few consecutive observations: {schedule:?}"
+    );
     for (f, gap) in &gaps {
         let floor = policy.delay(*f as u32, 0.0).as_millis() as u64;
         assert!(
@@ -257,14 +266,19 @@ async fn retries_follow_the_persisted_backoff_schedule_and_survive_a_restart() {
     let before = rig.failures().await;
     rig.a.kill();
     rig.a.spawn().await;
-    assert!(rig.failures().await >= before, "backoff state lost on restart");
+    assert!(
+        rig.failures().await >= before,
+        "backoff state lost on restart"
+    );
 
     // Once the network is back, the next retry delivers and the backoff resets.
     rig.proxy.set(Fault::Pass);
     let seen = sync_until(&rig.b.base(), &rig.bob, 1, GUARD).await;
     assert_exactly_once(&seen, 1);
-    rig.wait_for("a reset backoff", |d| d["failures"] == 0 && d["queued"] == 0)
-        .await;
+    rig.wait_for("a reset backoff", |d| {
+        d["failures"] == 0 && d["queued"] == 0
+    })
+    .await;
 }
 
 /// An authenticated request from a destination that A is backing off from proves it

@@ -174,10 +174,17 @@ pub struct Measured {
     pub rss_mib_b: f64,
     pub cpu_seconds_a: f64,
     pub cpu_seconds_b: f64,
+    /// CPU of the benchmark process itself (clients, relays) over the same phase: it
+    /// shares the machine with the servers.
+    pub cpu_seconds_bench: f64,
     pub store_bytes_a: u64,
     pub store_bytes_b: u64,
     pub store_bytes_a_start: u64,
     pub store_bytes_b_start: u64,
+    /// Messages still in A's store after the run (read after stopping it): 0 when
+    /// everything was delivered and acknowledged.
+    pub pending_rows_a: Option<u64>,
+    pub pending_rows_b: Option<u64>,
     /// First send -> last delivery.
     pub elapsed_seconds: f64,
     /// First send -> last accepted send.
@@ -454,6 +461,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     for b in &mut rig.bs {
         b.begin_accounting();
     }
+    let bench_cpu_start = node::proc_cpu_ticks(std::process::id()).unwrap_or(0);
     let store_a_start = rig.a.store_bytes();
     let store_b_start: u64 = rig.bs.iter().map(Node::store_bytes).sum();
     let fed_start = federation_counts(&rig.a, &rig.bs).await;
@@ -628,10 +636,19 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         rss_mib_b: round(rss_b, 1),
         cpu_seconds_a: round(rig.a.cpu_seconds(), 2),
         cpu_seconds_b: round(rig.bs.iter().map(Node::cpu_seconds).sum(), 2),
+        cpu_seconds_bench: round(
+            node::proc_cpu_ticks(std::process::id())
+                .unwrap_or(0)
+                .saturating_sub(bench_cpu_start) as f64
+                / node::clock_ticks_per_second(),
+            2,
+        ),
         store_bytes_a: rig.a.store_bytes(),
         store_bytes_b: rig.bs.iter().map(Node::store_bytes).sum(),
         store_bytes_a_start: store_a_start,
         store_bytes_b_start: store_b_start,
+        pending_rows_a: None,
+        pending_rows_b: None,
         elapsed_seconds: round(elapsed, 3),
         send_seconds: round(
             shared
@@ -647,7 +664,17 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         concurrency: o.concurrency,
         destinations: o.destinations,
     };
-    progress.set("stopping servers", Goal::None);
+    let mut measured = measured;
+    progress.set("stopping servers, reading their stores", Goal::None);
+    measured.pending_rows_a = rig.a.stop_and_count_pending().await;
+    let mut pending_b = Some(0);
+    for b in &mut rig.bs {
+        pending_b = match (pending_b, b.stop_and_count_pending().await) {
+            (Some(x), Some(y)) => Some(x + y),
+            _ => None,
+        };
+    }
+    measured.pending_rows_b = pending_b;
     drop(rig);
     progress.finish();
     Ok(measured)
@@ -721,12 +748,20 @@ pub fn table(r: &Report) -> String {
         ("CPU s A", Box::new(|m| format!("{:.2}", m.cpu_seconds_a))),
         ("CPU s B", Box::new(|m| format!("{:.2}", m.cpu_seconds_b))),
         (
+            "CPU s bench clients",
+            Box::new(|m| format!("{:.2}", m.cpu_seconds_bench)),
+        ),
+        (
             "store A MiB (start)",
             Box::new(|m| format!("{} ({})", mib(m.store_bytes_a), mib(m.store_bytes_a_start))),
         ),
         (
             "store B MiB (start)",
             Box::new(|m| format!("{} ({})", mib(m.store_bytes_b), mib(m.store_bytes_b_start))),
+        ),
+        (
+            "left in stores A/B",
+            Box::new(|m| format!("{}/{}", opt(m.pending_rows_a), opt(m.pending_rows_b))),
         ),
     ];
     let mut out = format!(
@@ -749,6 +784,10 @@ pub fn table(r: &Report) -> String {
         out.push_str(&format!("courier/Synapse = {x:.2} (msgs/s)\n"));
     }
     out
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("?".into(), |v| v.to_string())
 }
 
 fn mib(bytes: u64) -> String {
@@ -799,10 +838,13 @@ mod tests {
             rss_mib_b: 30.0,
             cpu_seconds_a: 0.1,
             cpu_seconds_b: 0.1,
+            cpu_seconds_bench: 0.1,
             store_bytes_a: 1,
             store_bytes_b: 2,
             store_bytes_a_start: 1,
             store_bytes_b_start: 2,
+            pending_rows_a: Some(0),
+            pending_rows_b: Some(0),
             elapsed_seconds: 0.1,
             send_seconds: 0.1,
             drain_seconds: None,

@@ -668,6 +668,49 @@ impl Node {
         }
     }
 
+    /// Stops the server and counts the messages its store still holds (courier:
+    /// `inbox` + `outbox` + `parked` rows; Synapse: `device_inbox` +
+    /// `device_federation_outbox` rows). `None` if the store cannot be read.
+    pub async fn stop_and_count_pending(&mut self) -> Option<u64> {
+        self.stop().await;
+        let dir = self.dir.clone();
+        match &self.flavor {
+            Flavor::Courier { .. } => tokio::task::spawn_blocking(move || {
+                use crate::store::{Store, StoreOptions, cf};
+                let store = Store::open(&dir.join("data/db"), &StoreOptions::default()).ok()?;
+                Some(
+                    [cf::INBOX, cf::OUTBOX, cf::PARKED]
+                        .into_iter()
+                        .map(|c| store.count(c) as u64)
+                        .sum(),
+                )
+            })
+            .await
+            .ok()
+            .flatten(),
+            Flavor::Synapse { env, .. } => {
+                let python = env.venv.join("bin/python");
+                let db = dir.join("homeserver.db");
+                let out = tokio::task::spawn_blocking(move || {
+                    Command::new(python)
+                        .arg("-c")
+                        .arg(
+                            "import sqlite3, sys\n\
+                             c = sqlite3.connect(sys.argv[1])\n\
+                             print(sum(c.execute('SELECT COUNT(*) FROM ' + t).fetchone()[0]\n\
+                             for t in ('device_inbox', 'device_federation_outbox')))",
+                        )
+                        .arg(db)
+                        .output()
+                })
+                .await
+                .ok()?
+                .ok()?;
+                String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+            }
+        }
+    }
+
     /// Federation transactions and EDUs this server has counted so far: courier's
     /// are the ones it SENT and had accepted (`/metrics`); Synapse's the ones it
     /// RECEIVED (its log's "Received txn" lines), Synapse having no metrics here.

@@ -91,7 +91,16 @@ pub async fn sync(
     // Unsynced: losing an acknowledgement to a power cut only re-delivers a page.
     store.commit_unsynced(b)?;
 
-    let mut page = store.inbox_page(user, dev, after, PAGE)?;
+    // Serve only rows the writer has published (`last_seq`): a row is readable a
+    // moment before its number is, and a token we hand out must never be one we would
+    // refuse as "never handed out".
+    let read_page = || -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
+        let visible = store.last_seq();
+        let mut page = store.inbox_page(user, dev, after, PAGE)?;
+        page.retain(|(seq, _)| *seq <= visible);
+        Ok(page)
+    };
+    let mut page = read_page()?;
     if page.is_empty() && !timeout.is_zero() {
         let deadline = Instant::now() + timeout;
         let notify = app.notifier.device(user, dev);
@@ -100,12 +109,12 @@ pub async fn sync(
             let woken = notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            page = store.inbox_page(user, dev, after, PAGE)?;
+            page = read_page()?;
             if !page.is_empty() {
                 break;
             }
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                page = store.inbox_page(user, dev, after, PAGE)?;
+                page = read_page()?;
                 break;
             }
         }

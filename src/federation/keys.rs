@@ -27,8 +27,10 @@ use crate::store::{Store, now_ms};
 const MAX_KEY_LIFETIME_MS: u64 = 7 * 24 * 3600 * 1000;
 /// The smallest gap between two fetches of one server's keys.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// How long one key fetch may take.
+const KEY_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Key fetches running at once, over all servers.
-const MAX_CONCURRENT_FETCHES: usize = 16;
+const MAX_CONCURRENT_FETCHES: usize = 32;
 
 /// Builds our `/_matrix/key/v2/server` response, self-signed.
 pub fn our_server_keys(server_name: &str, key: &SigningKey, valid_until_ts: u64) -> Value {
@@ -112,6 +114,17 @@ impl RemoteKeys {
 
     /// Fetches and caches `server`'s keys, unless fetched within `REFETCH_INTERVAL`.
     async fn fetch(&self, server: &ServerName) -> Result<(), KeyError> {
+        // A slot first (waiting a bounded time: slots held by key servers that never
+        // answer free up within KEY_FETCH_TIMEOUT); a fetch that never got one must
+        // not count as a fetch.
+        let _permit = tokio::time::timeout(KEY_FETCH_TIMEOUT, self.fetches.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| KeyError::Fetch {
+                server: server.to_string(),
+                detail: "too many key fetches in progress".into(),
+            })?;
         {
             let mut last = self.last_fetch.lock().expect("last_fetch");
             if let Some(t) = last.get(server.as_str())
@@ -124,19 +137,18 @@ impl RemoteKeys {
             }
             last.insert(server.to_string(), Instant::now());
         }
-        let _permit = self.fetches.try_acquire().map_err(|_| KeyError::Fetch {
-            server: server.to_string(),
-            detail: "too many key fetches in progress".into(),
-        })?;
         let fail = |detail: String| KeyError::Fetch {
             server: server.to_string(),
             detail,
         };
-        let reply = self
-            .client
-            .get_unsigned(server, "/_matrix/key/v2/server")
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        // A key server that never answers must not hold a slot for long.
+        let reply = tokio::time::timeout(
+            KEY_FETCH_TIMEOUT,
+            self.client.get_unsigned(server, "/_matrix/key/v2/server"),
+        )
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
         if !reply.status.is_success() {
             return Err(fail(format!("HTTP {}", reply.status)));
         }
