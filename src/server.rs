@@ -66,14 +66,17 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
                     .layer(DefaultBodyLimit::max(
                         app.config.federation.max_request_bytes,
                     ))
-                    .layer(announced_length_limit(
+                    .layer(axum::middleware::from_fn_with_state(
                         app.config.federation.max_request_bytes,
+                        refuse_announced_over,
                     )),
             ),
-            Resource::Client => r.merge(
-                crate::client::router()
-                    .layer(announced_length_limit(app.config.client.max_request_bytes)),
-            ),
+            Resource::Client => r.merge(crate::client::router().layer(
+                axum::middleware::from_fn_with_state(
+                    app.config.client.max_request_bytes,
+                    refuse_announced_over,
+                ),
+            )),
             Resource::Admin => r
                 .merge(crate::client::admin::router())
                 .merge(crate::federation::admin::router())
@@ -161,37 +164,22 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Refuses at once (413 `M_TOO_LARGE`) a request whose `Content-Length` announces
 /// more than `limit` bytes, instead of waiting for a body it would refuse anyway.
-fn announced_length_limit(
-    limit: usize,
-) -> axum::middleware::FromFnLayer<
-    impl Fn(
-        axum::extract::Request,
-        axum::middleware::Next,
-    ) -> std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send>>
-    + Clone,
-    (),
-    (axum::extract::Request,),
-> {
-    axum::middleware::from_fn(
-        move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let announced = req
-                .headers()
-                .get(axum::http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            Box::pin(async move {
-                use axum::response::IntoResponse;
-                if announced.is_some_and(|n| n > limit as u64) {
-                    return crate::error::ApiError::too_large(format!(
-                        "request body over {limit} bytes"
-                    ))
-                    .into_response();
-                }
-                next.run(req).await
-            })
-                as std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send>>
-        },
-    )
+async fn refuse_announced_over(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return crate::error::ApiError::too_large(format!("request body over {limit} bytes"))
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// Connection-level limits shared by every listener.

@@ -230,9 +230,15 @@ mod tests {
     fn one_transaction_per_origin_at_a_time() {
         let f = InFlight::default();
         let g = f.enter("o.test").expect("first");
-        assert!(f.enter("o.test").is_none(), "second concurrent one is refused (429)");
+        assert!(
+            f.enter("o.test").is_none(),
+            "second concurrent one is refused (429)"
+        );
         assert!(f.enter("p.test").is_some(), "other origins are independent");
         drop(g);
-        assert!(f.enter("o.test").is_some(), "released when the first finishes");
+        assert!(
+            f.enter("o.test").is_some(),
+            "released when the first finishes"
+        );
     }
 }

@@ -80,9 +80,13 @@ mod tests {
         s.commit(b).await.unwrap();
         for m in [Marker::MessageId, Marker::ClientTxn] {
             s.db().flush_cf(s.cf(m.cf())).unwrap();
-            s.db().compact_range_cf(s.cf(m.cf()), None::<&[u8]>, None::<&[u8]>);
+            s.db()
+                .compact_range_cf(s.cf(m.cf()), None::<&[u8]>, None::<&[u8]>);
         }
-        assert!(!s.seen(Marker::MessageId, &["o.test", "old"]).unwrap(), "expired");
+        assert!(
+            !s.seen(Marker::MessageId, &["o.test", "old"]).unwrap(),
+            "expired"
+        );
         // With a long TTL nothing is dropped.
         drop(s);
         let s = Store::open(dir.path(), &crate::store::StoreOptions::default()).unwrap();
@@ -90,7 +94,8 @@ mod tests {
         s.mark(&mut b, Marker::MessageId, &["o.test", "new"]);
         s.commit(b).await.unwrap();
         s.db().flush_cf(s.cf(cf::MESSAGE_IDS)).unwrap();
-        s.db().compact_range_cf(s.cf(cf::MESSAGE_IDS), None::<&[u8]>, None::<&[u8]>);
+        s.db()
+            .compact_range_cf(s.cf(cf::MESSAGE_IDS), None::<&[u8]>, None::<&[u8]>);
         assert!(s.seen(Marker::MessageId, &["o.test", "new"]).unwrap());
     }
 }
