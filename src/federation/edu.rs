@@ -246,4 +246,45 @@ mod tests {
             Err(EduError::Field("sender"))
         );
     }
+
+    proptest::proptest! {
+        /// Whatever courier packs, it accepts back unchanged and complete: every
+        /// (user, device, content) comes out of exactly one EDU.
+        #[test]
+        fn packed_edus_parse_back_complete(
+            users in proptest::collection::btree_map("@[a-z]{1,8}:b\\.test", proptest::collection::btree_map("[A-Z]{1,6}", ".{0,3000}", 1..6), 1..8),
+        ) {
+            let mut messages = Map::new();
+            let mut want = std::collections::BTreeSet::new();
+            for (u, devs) in &users {
+                let mut d = Map::new();
+                for (dev, body) in devs {
+                    d.insert(dev.clone(), json!({"body": body}));
+                    want.insert((u.clone(), dev.clone(), body.clone()));
+                }
+                messages.insert(u.clone(), Value::Object(d));
+            }
+            let mut got = std::collections::BTreeSet::new();
+            for e in pack_to_device("@s:a.test", "m.t", &messages) {
+                let v: Value = serde_json::from_slice(&e).unwrap();
+                let td = parse_to_device(&v, "a.test").unwrap();
+                for (u, devs) in td.messages {
+                    for (dev, c) in devs.as_object().unwrap() {
+                        proptest::prop_assert!(got.insert((u.clone(), dev.clone(), c["body"].as_str().unwrap().to_owned())));
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(got, want);
+        }
+
+        /// No JSON value makes the EDU validator panic.
+        #[test]
+        fn validation_never_panics(s in ".{0,200}") {
+            if let Ok(v) = serde_json::from_str::<Value>(&s) {
+                let _ = parse_to_device(&v, "o.test");
+            }
+            let v = json!({"edu_type": DIRECT_TO_DEVICE, "content": {"sender": s.clone(), "type": s.clone(), "message_id": s.clone(), "messages": {}}});
+            let _ = parse_to_device(&v, "o.test");
+        }
+    }
 }
