@@ -417,11 +417,21 @@ pub async fn receive_loop(
         out.since = Some(page.next_batch);
     }
     // Acknowledge the last page: nothing we saw may stay on the server.
-    if let Some(s) = out.since.clone()
-        && let Ok(page) = sync_once(&http, &dev, Some(&s), 0).await
-        && page.events.is_empty()
-    {
-        out.since = Some(page.next_batch);
+    if let Some(s) = out.since.clone() {
+        for _ in 0..3 {
+            match sync_once(&http, &dev, Some(&s), 0).await {
+                Ok(page) => {
+                    if page.events.is_empty() {
+                        out.since = Some(page.next_batch);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    shared.note_error(format!("final acknowledgement: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
     out
 }

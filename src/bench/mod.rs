@@ -456,7 +456,9 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         .map_err(|e| anyhow!("{}: warm-up failed: {e}", kind.name()))?;
     }
 
-    // The measured phase.
+    // The measured phase, once the warm-up's own bookkeeping (the origin counts a
+    // transaction when the 200 is back, after the recipient could see it) settled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     rig.a.begin_accounting();
     for b in &mut rig.bs {
         b.begin_accounting();
@@ -675,6 +677,15 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         };
     }
     measured.pending_rows_b = pending_b;
+    if measured.pending_rows_a.unwrap_or(0) + measured.pending_rows_b.unwrap_or(0) > 0 {
+        say(&format!(
+            "{}: stores still hold messages after the run (A {:?}, B {:?}); last client error: {:?}",
+            kind.name(),
+            measured.pending_rows_a,
+            measured.pending_rows_b,
+            shared.last_error.lock().map(|e| e.clone()).unwrap_or(None)
+        ));
+    }
     drop(rig);
     progress.finish();
     Ok(measured)

@@ -520,10 +520,14 @@ impl Node {
             self.registered.insert(localpart.to_owned());
             let v: Value =
                 serde_json::from_slice(&out.stdout).context("register.sh printed no JSON")?;
-            match v["access_token"].as_str() {
-                Some(t) => tokens.push(t.to_owned()),
+            let token = match v["access_token"].as_str() {
+                Some(t) => t.to_owned(),
                 None => bail!("register.sh printed no access_token: {v}"),
-            }
+            };
+            // Registration itself created a device of its own: remove it, or `*`
+            // would address it too (and its messages would never be collected).
+            self.delete_other_devices(localpart, &token, first).await?;
+            tokens.push(token);
             rest = others;
         }
         let this = &*self;
@@ -545,6 +549,77 @@ impl Node {
                 token,
             })
             .collect())
+    }
+
+    /// Synapse: deletes every device of `localpart` but `keep` (user-interactive
+    /// auth with the password).
+    async fn delete_other_devices(
+        &self,
+        localpart: &str,
+        token: &str,
+        keep: &str,
+    ) -> anyhow::Result<()> {
+        let list: Value = self
+            .http
+            .get(format!("{}/_matrix/client/v3/devices", self.base))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let others: Vec<&str> = list["devices"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d["device_id"].as_str())
+                    .collect::<Vec<&str>>()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| *d != keep)
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let url = format!("{}/_matrix/client/v3/delete_devices", self.base);
+        let first: Value = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .json(&json!({"devices": others}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        let body = json!({
+            "devices": others,
+            "auth": {
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": localpart},
+                "password": password_of(localpart),
+                "session": first["session"],
+            },
+        });
+        let r = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .json(&body)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!(
+                "{}: cannot delete the registration device: {} {}",
+                self.label,
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
     }
 
     /// A token for one device: courier's admin API, or a Synapse password login.

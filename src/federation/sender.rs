@@ -359,7 +359,7 @@ impl Sender {
         match classify(status) {
             Outcome::Delivered => {
                 let mut b = Batch::new();
-                store.outbox_ack(&mut b, dest, inflight.last_seq);
+                store.outbox_ack(&mut b, dest, &edus);
                 st.inflight = None;
                 st.failures = 0;
                 st.next_attempt_ts = 0;

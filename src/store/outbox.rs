@@ -7,8 +7,8 @@
 //!
 //! A destination's EDUs sort in enqueue order. A transaction is a prefix of the queue:
 //! the in-flight record names its txnId and its last `seq`, so a retry rebuilds the
-//! very same body, and the destination's 200 deletes `[0, last_seq]` with one range
-//! delete. Nothing leaves `outbox` but by that acknowledgement or by parking (an EDU a
+//! very same body, and the destination's 200 deletes exactly those EDUs (point deletes
+//! in one batch: range tombstones, one per transaction, made reads slow). Nothing leaves `outbox` but by that acknowledgement or by parking (an EDU a
 //! destination refused for good, kept with its reason). Nothing is trimmed at start.
 
 use serde::{Deserialize, Serialize};
@@ -133,13 +133,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes the acknowledged prefix `[0, last_seq]` of `dest`'s queue (in `b`).
-    pub fn outbox_ack(&self, b: &mut Batch, dest: &str, last_seq: u64) {
-        b.0.delete_range_cf(
-            self.cf(cf::OUTBOX),
-            entry_key(dest, 0),
-            entry_key(dest, last_seq.saturating_add(1)),
-        );
+    /// Removes the EDUs a destination acknowledged (the transaction it answered 200).
+    pub fn outbox_ack(&self, b: &mut Batch, dest: &str, acked: &[QueuedEdu]) {
+        // Point deletes: one range tombstone per transaction piles up in the memtable,
+        // and RocksDB re-fragments them all on every read.
+        for e in acked {
+            b.0.delete_cf(self.cf(cf::OUTBOX), entry_key(dest, e.seq));
+        }
     }
 
     /// Moves one EDU out of the queue into `parked`, with the reason (in `b`).
@@ -229,7 +229,8 @@ mod tests {
             4
         );
         let mut b = Batch::new();
-        s.outbox_ack(&mut b, "b.test", 3);
+        let first3 = s.outbox_head("b.test", 3, 10_000, None).unwrap();
+        s.outbox_ack(&mut b, "b.test", &first3);
         s.commit(b).await.unwrap();
         let head = s.outbox_head("b.test", 100, 10_000, None).unwrap();
         assert_eq!(head.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
