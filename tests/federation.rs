@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::matrix::{assert_exactly_once, device, send_many, sync_until};
+use common::proxy::Signer;
 use common::{ADMIN_TOKEN, Courier, insecure_client};
 use serde_json::{Value, json};
 
@@ -89,50 +90,6 @@ async fn sigkilled_sender_resumes_its_queue() {
         assert!(Instant::now() < end, "outbox not purged");
         a.spawn().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Signs federation requests as courier `origin` (with its own key file).
-struct Signer {
-    origin: String,
-    key: courier::signing::SigningKey,
-}
-
-impl Signer {
-    fn of(c: &Courier) -> Signer {
-        Signer {
-            origin: c.server_name.clone(),
-            key: courier::signing::keyfile::read(c.dir.path().join("keys/signing.key")).unwrap(),
-        }
-    }
-
-    fn header(&self, method: &str, uri: &str, dest: &str, body: Option<&Value>) -> String {
-        courier::signing::xmatrix::sign_request(
-            method,
-            uri,
-            &self.origin,
-            dest,
-            body,
-            &self.key,
-            courier::signing::canonical::NumberMode::Python,
-        )
-        .unwrap()
-    }
-
-    async fn put_txn(&self, to: &Courier, txn: &str, body: &Value) -> (u16, Value) {
-        let uri = format!("/_matrix/federation/v1/send/{txn}");
-        let r = insecure_client()
-            .put(to.url(&uri))
-            .header(
-                "Authorization",
-                self.header("PUT", &uri, &to.server_name, Some(body)),
-            )
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
     }
 }
 
