@@ -286,25 +286,11 @@ impl Node {
              token = \"{ADMIN_TOKEN}\"\n"
         );
         std::fs::write(dir.join("courier.toml"), config)?;
-        let mut node = Node {
-            label: label.to_owned(),
-            flavor: Flavor::Courier {
-                bin: bin.to_owned(),
-                child: None,
-            },
-            dir,
-            port,
-            wire,
-            server_name,
-            base: format!("https://127.0.0.1:{port}"),
-            http: http.clone(),
-            registered: HashSet::new(),
-            cpu_base_ticks: 0,
-            cpu_accum_ticks: 0,
-            hwm_kib: 0,
+        let flavor = Flavor::Courier {
+            bin: bin.to_owned(),
+            child: None,
         };
-        node.launch().await?;
-        Ok(node)
+        Node::launched(label, flavor, dir, port, wire, server_name, http).await
     }
 
     /// Starts a Synapse in `dir` (created fresh by `start.sh`).
@@ -317,12 +303,26 @@ impl Node {
         let port = free_port()?;
         let wire = WireCounter::start(port).await?;
         let server_name = format!("127.0.0.1:{}", wire.port);
+        let flavor = Flavor::Synapse {
+            env: env.clone(),
+            running: false,
+        };
+        Node::launched(label, flavor, dir, port, wire, server_name, http).await
+    }
+
+    /// A node of either flavor, started and serving.
+    async fn launched(
+        label: &str,
+        flavor: Flavor,
+        dir: PathBuf,
+        port: u16,
+        wire: WireCounter,
+        server_name: String,
+        http: &reqwest::Client,
+    ) -> anyhow::Result<Node> {
         let mut node = Node {
             label: label.to_owned(),
-            flavor: Flavor::Synapse {
-                env: env.clone(),
-                running: false,
-            },
+            flavor,
             dir,
             port,
             wire,
