@@ -12,6 +12,7 @@ use crate::federation::inbound::InFlight;
 use crate::federation::keys::RemoteKeys;
 use crate::federation::sender::{Sender, SenderConfig};
 use crate::notify::Notifier;
+use crate::offload::relay::Relay;
 use crate::signing::SigningKey;
 use crate::store::Store;
 
@@ -28,6 +29,10 @@ pub struct AppInner {
     pub notifier: Notifier,
     /// Origins with a transaction being processed.
     pub inbound_inflight: InFlight,
+    /// Offload mode: replays held transactions.
+    pub relay: Relay,
+    /// Offload mode: custody queues with a transaction being accepted.
+    pub custody_inflight: InFlight,
 }
 
 impl App {
@@ -44,6 +49,7 @@ impl App {
             federation.clone(),
             SenderConfig::from_config(&config.federation),
         );
+        let relay = Relay::new(store.clone(), federation.clone(), &config)?;
         Ok(App(Arc::new(AppInner {
             config,
             store,
@@ -53,6 +59,8 @@ impl App {
             sender,
             notifier: Notifier::default(),
             inbound_inflight: InFlight::default(),
+            relay,
+            custody_inflight: InFlight::default(),
         })))
     }
 }

@@ -37,6 +37,8 @@ pub struct Config {
     pub admin: Admin,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub offload: Offload,
 }
 
 /// One listening socket and what it serves.
@@ -63,6 +65,60 @@ pub enum Resource {
     Client,
     /// `/_courier/admin/*` (needs `[admin] token`) and `/metrics`.
     Admin,
+    /// Offload mode, outbound: the homeserver's federation proxy
+    /// (`outbound_federation_restricted_to`); needs `[offload] secret`.
+    Offload,
+    /// Offload mode, inbound: `/_matrix/federation/v1/send/*` addressed to the
+    /// homeserver (routed here by its reverse proxy); other federation requests are
+    /// passed through to it. Needs `[offload] homeserver_name` and `homeserver_url`.
+    Edge,
+}
+
+/// Which outbound `/send` transactions courier takes into custody in offload mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Custody {
+    /// Transactions carrying only EDUs; those with PDUs are passed through and
+    /// answered with the destination's real answer.
+    Edus,
+    /// Every `/send`, PDUs included (answered `{"pdus": {}}` at once).
+    All,
+}
+
+/// Offload mode: courier carries a homeserver's federation transactions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Offload {
+    /// Bearer secret the homeserver presents (Synapse: `worker_replication_secret`).
+    pub secret: Option<String>,
+    /// What outbound `/send` courier holds: `edus` (default) or `all`.
+    pub custody: Custody,
+    /// The homeserver's server name (what inbound transactions must be addressed to).
+    pub homeserver_name: Option<ServerName>,
+    /// Where inbound transactions are replayed: the homeserver's federation listener.
+    pub homeserver_url: Option<String>,
+    /// False accepts any certificate from `homeserver_url` (self-signed, loopback).
+    pub verify_homeserver_certificate: bool,
+    /// Longest wait between two replays to an unreachable homeserver.
+    #[serde(with = "humantime_serde")]
+    pub homeserver_backoff_max: Duration,
+    /// Timeout of one passed-through request (queries, joins, media...).
+    #[serde(with = "humantime_serde")]
+    pub passthrough_timeout: Duration,
+}
+
+impl Default for Offload {
+    fn default() -> Self {
+        Offload {
+            secret: None,
+            custody: Custody::Edus,
+            homeserver_name: None,
+            homeserver_url: None,
+            verify_homeserver_certificate: true,
+            homeserver_backoff_max: Duration::from_secs(60),
+            passthrough_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +329,56 @@ impl Config {
                     "tls = false but a certificate is configured",
                 );
             }
+            let has = |r| l.resources.contains(&r);
+            if has(Resource::Offload) && l.resources.len() > 1 {
+                return bad(
+                    &format!("listeners[{i}].resources"),
+                    "\"offload\" takes a listener of its own",
+                );
+            }
+            if has(Resource::Edge) && has(Resource::Federation) {
+                return bad(
+                    &format!("listeners[{i}].resources"),
+                    "\"edge\" and \"federation\" both serve /_matrix/federation: use two listeners",
+                );
+            }
+            if has(Resource::Offload)
+                && !l.tls
+                && !crate::federation::discovery::is_private(l.address.ip())
+            {
+                return bad(
+                    &format!("listeners[{i}].tls"),
+                    "an offload listener may use plain HTTP only on a loopback or private address",
+                );
+            }
+            if has(Resource::Offload) {
+                match &self.offload.secret {
+                    None => return bad("offload.secret", "an \"offload\" listener needs a secret"),
+                    Some(s) if s.len() < 16 => {
+                        return bad("offload.secret", "must be at least 16 characters long");
+                    }
+                    Some(_) => {}
+                }
+            }
+            if has(Resource::Edge) {
+                if self.offload.homeserver_name.is_none() {
+                    return bad("offload.homeserver_name", "an \"edge\" listener needs it");
+                }
+                match &self.offload.homeserver_url {
+                    None => return bad("offload.homeserver_url", "an \"edge\" listener needs it"),
+                    Some(u) => match reqwest::Url::parse(u) {
+                        Ok(url)
+                            if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                        }
+                        _ => {
+                            return bad(
+                                "offload.homeserver_url",
+                                "must be an http:// or https:// URL",
+                            );
+                        }
+                    },
+                }
+            }
         }
         if let Some(token) = &self.admin.token
             && token.len() < 16
@@ -421,6 +527,42 @@ mod tests {
         ));
         assert!(e.contains("federation.overrides.example.org"), "{e}");
         let e = err(&MINIMAL.replace("resources = [\"federation\", \"client\"]", "resources = []"));
+        assert!(e.contains("listeners[0].resources"), "{e}");
+    }
+
+    #[test]
+    fn offload_listeners_need_their_settings() {
+        let offload = MINIMAL.replace(
+            "resources = [\"federation\", \"client\"]",
+            "tls = false\n        resources = [\"offload\"]",
+        );
+        let e = err(&offload);
+        assert!(e.contains("offload.secret"), "{e}");
+        let e = err(&format!("{offload}\n[offload]\nsecret = \"short\"\n"));
+        assert!(e.contains("offload.secret"), "{e}");
+        let ok = format!("{offload}\n[offload]\nsecret = \"0123456789abcdef0\"\n");
+        let c = Config::from_toml(&ok, Path::new(".")).unwrap();
+        assert_eq!(c.offload.custody, Custody::Edus);
+        let e = err(&ok.replace("127.0.0.1:8448", "8.8.8.8:8448"));
+        assert!(e.contains("listeners[0].tls"), "{e}");
+        let e = err(&MINIMAL.replace("\"client\"]", "\"offload\"]"));
+        assert!(e.contains("listeners[0].resources"), "{e}");
+
+        let edge = MINIMAL.replace("[\"federation\", \"client\"]", "[\"edge\"]");
+        let e = err(&edge);
+        assert!(e.contains("offload.homeserver_name"), "{e}");
+        let e = err(&format!(
+            "{edge}\n[offload]\nhomeserver_name = \"hs.test\"\nhomeserver_url = \"ftp://x\"\n"
+        ));
+        assert!(e.contains("offload.homeserver_url"), "{e}");
+        Config::from_toml(
+            &format!(
+                "{edge}\n[offload]\nhomeserver_name = \"hs.test\"\nhomeserver_url = \"http://127.0.0.1:8008\"\ncustody = \"all\"\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        let e = err(&MINIMAL.replace("\"client\"]", "\"edge\"]"));
         assert!(e.contains("listeners[0].resources"), "{e}");
     }
 

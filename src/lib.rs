@@ -15,6 +15,7 @@ pub mod federation;
 pub mod ids;
 pub mod logging;
 pub mod notify;
+pub mod offload;
 pub mod server;
 pub mod signing;
 pub mod store;

@@ -58,6 +58,18 @@ pub fn open(config: Config) -> anyhow::Result<App> {
 
 /// The router of one listener.
 pub fn router(app: &App, resources: &[Resource]) -> Router {
+    if resources.contains(&Resource::Offload) {
+        // Absolute-form requests for other servers: one handler takes them all.
+        return crate::offload::proxy::router()
+            .layer(axum::middleware::from_fn_with_state(
+                app.config.federation.max_request_bytes,
+                refuse_announced_over,
+            ))
+            .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+                BODY_READ_TIMEOUT,
+            ))
+            .with_state(app.clone());
+    }
     let mut r: Router<App> = Router::new();
     for res in resources {
         r = match res {
@@ -80,14 +92,29 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
             Resource::Admin => r
                 .merge(crate::client::admin::router())
                 .merge(crate::federation::admin::router())
+                .merge(crate::offload::admin::router())
                 .merge(crate::telemetry::router()),
+            Resource::Edge => r.merge(
+                crate::offload::edge::router()
+                    .layer(DefaultBodyLimit::max(
+                        app.config.federation.max_request_bytes,
+                    ))
+                    .layer(axum::middleware::from_fn_with_state(
+                        app.config.federation.max_request_bytes,
+                        refuse_announced_over,
+                    )),
+            ),
+            Resource::Offload => r,
         };
     }
-    r.route("/_matrix/{*rest}", any(crate::error::unrecognized))
-        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
-            BODY_READ_TIMEOUT,
-        ))
-        .with_state(app.clone())
+    if !resources.contains(&Resource::Edge) {
+        // The edge passes unknown federation requests to the homeserver instead.
+        r = r.route("/_matrix/{*rest}", any(crate::error::unrecognized));
+    }
+    r.layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+        BODY_READ_TIMEOUT,
+    ))
+    .with_state(app.clone())
 }
 
 /// Serves every configured listener until `shutdown` completes.
@@ -134,6 +161,7 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
         }
     }
     app.sender.start()?;
+    app.relay.start()?;
     tokio::spawn(crate::client::housekeeping::run(app.clone()));
     tracing::info!(server_name = %app.config.server_name, "courier is up");
     tokio::select! {

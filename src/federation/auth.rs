@@ -23,6 +23,20 @@ pub async fn authenticate(
     headers: &HeaderMap,
     content: Option<&Value>,
 ) -> Result<ServerName, ApiError> {
+    let ours = app.config.server_name.as_str();
+    authenticate_for(app, ours, method, uri, headers, content).await
+}
+
+/// As [`authenticate`], for a request addressed to `ours` (offload mode's edge checks
+/// transactions addressed to the homeserver it stands in front of).
+pub async fn authenticate_for(
+    app: &App,
+    ours: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    content: Option<&Value>,
+) -> Result<ServerName, ApiError> {
     let path = uri
         .path_and_query()
         .map(|p| p.as_str())
@@ -51,7 +65,6 @@ pub async fn authenticate(
                 continue;
             }
         };
-        let ours = app.config.server_name.as_str();
         if let Some(d) = &x.destination
             && d != ours
         {
@@ -80,6 +93,7 @@ pub async fn authenticate(
         ) {
             Ok(()) => {
                 app.sender.peer_is_up(origin.as_str());
+                app.relay.peer_is_up(origin.as_str());
                 return Ok(origin);
             }
             Err(e) => {

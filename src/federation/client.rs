@@ -37,7 +37,7 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    fn from_reqwest(e: reqwest::Error) -> Self {
+    pub fn from_reqwest(e: reqwest::Error) -> Self {
         if e.is_timeout() {
             RequestError::Timeout
         } else if e.is_connect() {
@@ -125,6 +125,30 @@ impl FederationClient {
         .map_err(|e| RequestError::Sign(e.to_string()))?;
         self.send(destination, method, path, body, Some(header))
             .await
+    }
+
+    /// Sends a request someone else prepared (offload mode): no signature of ours,
+    /// `headers` and `body` exactly as given, `Host` and TLS name from discovery.
+    /// Returns the response with its body unread, for streaming.
+    pub async fn forward(
+        &self,
+        destination: &ServerName,
+        method: reqwest::Method,
+        path: &str,
+        headers: reqwest::header::HeaderMap,
+        body: reqwest::Body,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, RequestError> {
+        let ep = self.discovery.resolve(destination).await?;
+        let url = format!("https://{}{}", ep.authority, path);
+        let mut req = self.http.request(method, &url).headers(headers).body(body);
+        if let Some(h) = &ep.host_header {
+            req = req.header(reqwest::header::HOST, h);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        req.send().await.map_err(RequestError::from_reqwest)
     }
 
     /// Sends an unsigned request (key fetches).

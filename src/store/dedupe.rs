@@ -5,6 +5,7 @@
 //! - `client_txns`:  `user \0 device \0 event_type \0 txn_id`
 //! - `inbound_txns`: `origin \0 txn_id`
 //! - `message_ids`:  `origin \0 message_id`
+//! - `custody_txns`: `dir \0 queue \0 txn_id` (offload mode, see `store::custody`)
 //!
 //! Markers are written in the same batch as the work they guard, never on their own.
 
@@ -19,6 +20,8 @@ pub enum Marker {
     InboundTxn,
     /// An inbound to-device EDU (origin, message_id).
     MessageId,
+    /// A transaction taken into custody in offload mode (direction, queue, txnId).
+    CustodyTxn,
 }
 
 impl Marker {
@@ -27,6 +30,7 @@ impl Marker {
             Marker::ClientTxn => cf::CLIENT_TXNS,
             Marker::InboundTxn => cf::INBOUND_TXNS,
             Marker::MessageId => cf::MESSAGE_IDS,
+            Marker::CustodyTxn => cf::CUSTODY_TXNS,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! each module's encoder.
 
 pub mod accounts;
+pub mod custody;
 pub mod dedupe;
 pub mod inbox;
 pub mod keys;
@@ -55,6 +56,14 @@ pub mod cf {
     pub const MESSAGE_IDS: &str = "message_ids";
     /// Client `sendToDevice` transactions: `user \0 device \0 type \0 txn` -> ts(be64).
     pub const CLIENT_TXNS: &str = "client_txns";
+    /// Offload mode's held transactions: `dir \0 queue \0 seq(be64)` -> envelope + body.
+    pub const CUSTODY: &str = "custody";
+    /// Per-queue delivery state of held transactions: `dir \0 queue` -> JSON.
+    pub const CUSTODY_STATE: &str = "custody_state";
+    /// Held transactions refused for good: `dir \0 queue \0 seq(be64)` -> reason + body.
+    pub const CUSTODY_PARKED: &str = "custody_parked";
+    /// Held `(dir, queue, txnId)` seen: `dir \0 queue \0 txn_id` -> ts(be64).
+    pub const CUSTODY_TXNS: &str = "custody_txns";
 
     pub const ALL: &[&str] = &[
         META,
@@ -70,11 +79,15 @@ pub mod cf {
         INBOUND_TXNS,
         MESSAGE_IDS,
         CLIENT_TXNS,
+        CUSTODY,
+        CUSTODY_STATE,
+        CUSTODY_PARKED,
+        CUSTODY_TXNS,
     ];
 
     /// Column families whose values start with a big-endian millisecond timestamp and
     /// expire after the dedupe TTL (dropped by a compaction filter).
-    pub const EXPIRING: &[&str] = &[INBOUND_TXNS, MESSAGE_IDS, CLIENT_TXNS];
+    pub const EXPIRING: &[&str] = &[INBOUND_TXNS, MESSAGE_IDS, CLIENT_TXNS, CUSTODY_TXNS];
 }
 
 /// Why a store operation failed.
@@ -144,6 +157,12 @@ pub enum Append {
     },
     /// An EDU for a destination's queue.
     Outbox { dest: String, edu: Vec<u8> },
+    /// A transaction held in offload mode (see `store::custody`), replayed verbatim.
+    Held {
+        dir: custody::Dir,
+        queue: String,
+        record: Vec<u8>,
+    },
     /// An idempotency marker guarding the other writes of the same request.
     Mark {
         marker: dedupe::Marker,
@@ -369,6 +388,14 @@ impl Writer {
                     }
                     Append::Outbox { dest, edu } => {
                         b.put_cf(cf(cf::OUTBOX), outbox::entry_key(dest, seq), edu);
+                        seq += 1;
+                    }
+                    Append::Held { dir, queue, record } => {
+                        b.put_cf(
+                            cf(cf::CUSTODY),
+                            custody::entry_key(*dir, queue, seq),
+                            record,
+                        );
                         seq += 1;
                     }
                     Append::Mark { marker, parts } => {

@@ -1,0 +1,138 @@
+//! The `edge` listener: inbound federation transactions for the homeserver.
+//!
+//! The homeserver's reverse proxy routes `/_matrix/federation/v1/send/` of its name
+//! here. This module owns that door: the X-Matrix signature is verified against the
+//! origin's published keys (addressed to `[offload] homeserver_name`, else 401), then
+//! an EDU-only transaction is taken into custody for replay to the homeserver and
+//! answered `200 {"pdus": {}}`; one with PDUs is passed through synchronously (unless
+//! `custody = "all"`). Other federation requests that reach this listener are streamed
+//! to the homeserver unchanged, so courier can also stand in for the reverse proxy.
+//!
+//! It never changes what it carries and never delivers to courier's own devices.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::config::Custody;
+use crate::error::ApiError;
+use crate::federation::auth::authenticate_for;
+use crate::offload::{carries_pdus, forward, hold};
+use crate::store::custody::Dir;
+
+pub fn router() -> Router<App> {
+    Router::new()
+        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
+        .fallback(pass_through)
+}
+
+/// `PUT /_matrix/federation/v1/send/{txnId}` addressed to the homeserver.
+async fn send(
+    State(app): State<App>,
+    Path(txn_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("transaction too large")
+        } else {
+            ApiError::bad_json(r.body_text())
+        }
+    })?;
+    let Some(hs_name) = &app.config.offload.homeserver_name else {
+        return Err(ApiError::internal(
+            "edge listener without [offload] homeserver_name",
+        ));
+    };
+    let content: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))?;
+    let origin = authenticate_for(
+        &app,
+        hs_name.as_str(),
+        &method,
+        &uri,
+        &headers,
+        Some(&content),
+    )
+    .await?;
+    if content.get("origin").and_then(Value::as_str) != Some(origin.as_str()) {
+        return Err(ApiError::forbidden(
+            "transaction origin does not match the signing server",
+        ));
+    }
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| uri.path().to_owned());
+    let custody = match app.config.offload.custody {
+        Custody::All => true,
+        Custody::Edus => carries_pdus(&body) == Some(false),
+    };
+    if !custody {
+        return Ok(to_homeserver(&app, method, &path, &headers, reqwest::Body::from(body)).await);
+    }
+    hold(
+        &app,
+        Dir::In,
+        origin.as_str(),
+        &txn_id,
+        &path,
+        &headers,
+        body,
+    )
+    .await?;
+    Ok(axum::Json(json!({"pdus": {}})).into_response())
+}
+
+/// Any other request: federation and key requests go to the homeserver unchanged.
+async fn pass_through(State(app): State<App>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| parts.uri.path().to_owned());
+    if !(path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/")) {
+        return ApiError::unrecognized().into_response();
+    }
+    let stream = reqwest::Body::wrap_stream(body.into_data_stream());
+    to_homeserver(&app, parts.method, &path, &parts.headers, stream).await
+}
+
+async fn to_homeserver(
+    app: &App,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: reqwest::Body,
+) -> Response {
+    let Some(hs) = app.relay.homeserver() else {
+        return ApiError::internal("edge listener without [offload] homeserver_url")
+            .into_response();
+    };
+    metrics::counter!("courier_offload_passthrough_total", "direction" => "in").increment(1);
+    match hs
+        .send(
+            method.clone(),
+            path,
+            forward::end_to_end(headers),
+            body,
+            app.config.offload.passthrough_timeout,
+        )
+        .await
+    {
+        Ok(resp) => forward::relay_response(resp),
+        Err(e) => {
+            tracing::info!(homeserver = hs.base(), %method, path, error = %e, "pass-through to the homeserver failed");
+            forward::bad_gateway(e)
+        }
+    }
+}
