@@ -81,6 +81,41 @@ impl Synapse {
         s
     }
 
+    /// Starts a Synapse whose `homeserver.yaml` also holds `extra` (YAML, appended
+    /// after the first start wrote the file; the server is then restarted).
+    pub fn start_configured(venv: &Path, extra: &str) -> Synapse {
+        let s = Synapse::start(venv);
+        s.stop();
+        let path = s.dir.path().join("homeserver.yaml");
+        let mut yaml = std::fs::read_to_string(&path).unwrap();
+        yaml.push_str("\n# --- added by the courier tests ---\n");
+        yaml.push_str(extra);
+        std::fs::write(&path, yaml).unwrap();
+        s.run_start();
+        s
+    }
+
+    /// Rows of `table` in the homeserver's sqlite database (read with the venv's
+    /// Python, so no sqlite3 tool is needed).
+    pub fn count_rows(&self, table: &str) -> i64 {
+        let db = self.dir.path().join("homeserver.db");
+        let out = Command::new(self.venv.join("bin/python"))
+            .arg("-c")
+            .arg(format!(
+                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=30); \
+                 print(c.execute('select count(*) from {table}').fetchone()[0])"
+            ))
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
     fn script(&self, name: &str) -> Command {
         let mut c = Command::new("bash");
         c.arg(scripts().join(name)).env("SYNAPSE_VENV", &self.venv);
