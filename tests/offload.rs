@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use common::proxy::{FakeOrigin, Recorder};
 use common::synapse::{Synapse, venv_or_skip};
 use common::{Courier, free_port, insecure_client};
 use serde_json::{Value, json};
@@ -118,16 +119,39 @@ async fn held(c: &Courier, direction: &str, queue: &str) -> u64 {
 /// One raw HTTP/1.1 request to the offload listener (absolute-form target, as Synapse
 /// sends it); returns the status code and the body.
 fn raw_proxy_request(port: u16, target: &str, bearer: Option<&str>) -> (u16, String) {
+    raw_request(
+        port,
+        "GET",
+        &format!("matrix-federation://{target}"),
+        bearer,
+        &[],
+        b"",
+    )
+}
+
+/// One raw HTTP/1.1 request (`request_target` as given: absolute or origin form);
+/// returns the status code and the body (chunk framing left in place).
+fn raw_request(
+    port: u16,
+    method: &str,
+    request_target: &str,
+    bearer: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = bearer
-        .map(|b| format!("Proxy-Authorization: Bearer {b}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET matrix-federation://{target} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut head =
+        format!("{method} {request_target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(b) = bearer {
+        head.push_str(&format!("Proxy-Authorization: Bearer {b}\r\n"));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let status = out
@@ -311,4 +335,285 @@ async fn synapse_offload_both_ways_survives_outages_and_sigkill() {
         assert!(!log.contains("panicked"), "{log}");
         assert!(!log.contains("parked"), "nothing refused: {log}");
     }
+}
+
+/// The custody rules of the offload listener against a recording destination (no
+/// Synapse needed): verbatim replay, replays not stored twice, order through an
+/// outage, a refused transaction parked, PDUs passed through with the real answer.
+// Multi-threaded: the raw requests block a worker while the recorder answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_custody_replays_verbatim_in_order_and_parks_refusals() {
+    let dest = Recorder::start().await;
+    let port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{port}"
+tls = false
+resources = ["offload"]
+
+[offload]
+secret = "{SECRET}"
+{FAST}
+[federation.overrides]
+"dest.test" = "127.0.0.1:{dest_port}"
+"#,
+        dest_port = dest.addr.port()
+    ))
+    .await;
+    let auth = r#"X-Matrix origin="hs.test",destination="dest.test",key="ed25519:a",sig="c2ln""#;
+    let put = |txn: &str, body: &[u8]| {
+        raw_request(
+            port,
+            "PUT",
+            &format!("matrix-federation://dest.test/_matrix/federation/v1/send/{txn}"),
+            Some(SECRET),
+            &[
+                ("Authorization", auth),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let edus = |n: u32| {
+        format!(
+            r#"{{ "origin":"hs.test",  "origin_server_ts":{n},"pdus":[],"edus":[{{"edu_type":"m.direct_to_device","content":{{"n":{n}, "f":1.0}}}}] }}"#
+        )
+    };
+    let held_view =
+        async || c.admin_get("/_courier/admin/v1/offload").await["outbound"]["dest.test"].clone();
+
+    // Held, answered at once, replayed byte for byte (odd spacing and 1.0 included).
+    let (status, body) = put("t1", edus(1).as_bytes());
+    assert_eq!((status, body.as_str()), (200, r#"{"pdus":{}}"#));
+    wait_for(
+        "t1 at the destination",
+        Duration::from_secs(20),
+        async || dest.count() == 1,
+    )
+    .await;
+    let got = &dest.seen()[0];
+    assert_eq!(got.method, "PUT");
+    assert_eq!(got.target, "/_matrix/federation/v1/send/t1");
+    assert_eq!(got.authorization, vec![auth.to_owned()]);
+    assert_eq!(got.body, edus(1).as_bytes());
+
+    // The homeserver retries t1 (it lost our answer): answered the same, not stored again.
+    assert_eq!(put("t1", edus(1).as_bytes()).0, 200);
+
+    // The destination fails: t2 and t3 wait, in order, backing off.
+    dest.answer(500, r#"{"errcode":"M_UNKNOWN"}"#);
+    assert_eq!(put("t2", edus(2).as_bytes()).0, 200);
+    assert_eq!(put("t3", edus(3).as_bytes()).0, 200);
+    wait_for(
+        "t2/t3 held with failures",
+        Duration::from_secs(20),
+        async || {
+            let v = held_view().await;
+            v["held"] == 2 && v["failures"].as_u64().unwrap_or(0) >= 1
+        },
+    )
+    .await;
+    dest.answer(200, r#"{"pdus":{}}"#);
+    wait_for("t2/t3 delivered", Duration::from_secs(20), async || {
+        held_view().await["held"].as_u64().unwrap_or(0) == 0
+    })
+    .await;
+    let accepted: Vec<String> = dest
+        .seen()
+        .iter()
+        .map(|r| r.target.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    let firsts: Vec<&String> = accepted.iter().fold(Vec::new(), |mut v, t| {
+        if v.last() != Some(&t) {
+            v.push(t);
+        }
+        v
+    });
+    assert_eq!(
+        firsts,
+        ["t1", "t2", "t3"],
+        "in order, t1 once: {accepted:?}"
+    );
+    assert_eq!(accepted.last().unwrap(), "t3");
+
+    // A transaction refused for good is parked; the queue goes on.
+    dest.answer(400, r#"{"errcode":"M_BAD_JSON"}"#);
+    assert_eq!(put("t4", edus(4).as_bytes()).0, 200);
+    wait_for("t4 parked", Duration::from_secs(20), async || {
+        held_view().await["parked"] == 1
+    })
+    .await;
+    dest.answer(200, r#"{"pdus":{}}"#);
+    assert_eq!(put("t5", edus(5).as_bytes()).0, 200);
+    wait_for("t5 delivered", Duration::from_secs(20), async || {
+        dest.seen()
+            .last()
+            .is_some_and(|r| r.target.ends_with("/t5"))
+    })
+    .await;
+
+    // PDUs: passed through, the destination's own answer comes back, nothing held.
+    dest.answer(200, r#"{"pdus":{"$ev":{"error":"the real answer"}}}"#);
+    let before = dest.count();
+    let (status, body) = put(
+        "t6",
+        br#"{"origin":"hs.test","origin_server_ts":6,"pdus":[{"event_id":"$ev"}],"edus":[]}"#,
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("the real answer"), "{body}");
+    assert_eq!(dest.count(), before + 1);
+    assert_eq!(held_view().await["held"].as_u64().unwrap_or(0), 0);
+
+    // Not a proxy request, or no secret: refused before anything is touched.
+    let (status, body) = raw_request(
+        port,
+        "GET",
+        "/_matrix/federation/v1/version",
+        Some(SECRET),
+        &[],
+        b"",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("M_UNRECOGNIZED"), "{body}");
+    let (status, _) = raw_request(
+        port,
+        "PUT",
+        "matrix-federation://dest.test/_matrix/federation/v1/send/t7",
+        None,
+        &[],
+        edus(7).as_bytes(),
+    );
+    assert_eq!(status, 401);
+    assert!(!dest.seen().iter().any(|r| r.target.ends_with("/t7")));
+}
+
+/// The edge: signatures checked against the origin's keys and the homeserver's name,
+/// transactions held and replayed verbatim to the homeserver, in order through its
+/// outage; other federation requests passed to it, anything else refused.
+#[tokio::test]
+async fn edge_verifies_holds_and_replays_to_the_homeserver() {
+    let hs = Recorder::start().await;
+    let origin = FakeOrigin::start().await;
+    let signer = origin.signer();
+    let edge_port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{edge_port}"
+resources = ["edge"]
+
+[offload]
+homeserver_name = "hs.test"
+homeserver_url = "https://127.0.0.1:{hs_port}"
+verify_homeserver_certificate = false
+homeserver_backoff_max = "1s"
+{FAST}"#,
+        hs_port = hs.addr.port()
+    ))
+    .await;
+    let client = insecure_client();
+    let edge = |path: &str| format!("https://127.0.0.1:{edge_port}{path}");
+    let put = async |txn: &str, dest: &str, n: u64| {
+        let uri = format!("/_matrix/federation/v1/send/{txn}");
+        let body = json!({"origin": origin.name, "origin_server_ts": n, "pdus": [],
+            "edus": [{"edu_type": "m.direct_to_device", "content": {"n": n}}]});
+        let r = client
+            .put(edge(&uri))
+            .header(
+                "Authorization",
+                signer.header("PUT", &uri, dest, Some(&body)),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    };
+    let held_view =
+        async || c.admin_get("/_courier/admin/v1/offload").await["inbound"][&origin.name].clone();
+
+    assert_eq!(put("e1", "hs.test", 1).await, 200);
+    wait_for(
+        "e1 at the homeserver",
+        Duration::from_secs(20),
+        async || hs.count() == 1,
+    )
+    .await;
+    let got = &hs.seen()[0];
+    assert_eq!(got.target, "/_matrix/federation/v1/send/e1");
+    let sent = json!({"origin": origin.name, "origin_server_ts": 1, "pdus": [],
+        "edus": [{"edu_type": "m.direct_to_device", "content": {"n": 1}}]});
+    assert_eq!(
+        got.authorization,
+        vec![signer.header(
+            "PUT",
+            "/_matrix/federation/v1/send/e1",
+            "hs.test",
+            Some(&sent)
+        )]
+    );
+    assert_eq!(serde_json::from_slice::<Value>(&got.body).unwrap(), sent);
+
+    // Addressed to another server, or unsigned: 401, nothing reaches the homeserver.
+    assert_eq!(put("e2", &c.server_name, 2).await, 401);
+    let r = client
+        .put(edge("/_matrix/federation/v1/send/e3"))
+        .json(&json!({"origin": origin.name, "pdus": [], "edus": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(hs.count(), 1);
+
+    // The homeserver is down: held in order, replayed when it is back.
+    hs.answer(503, "");
+    for (i, txn) in ["e4", "e5", "e6"].iter().enumerate() {
+        assert_eq!(put(txn, "hs.test", 4 + i as u64).await, 200);
+    }
+    wait_for(
+        "held while the homeserver is down",
+        Duration::from_secs(20),
+        async || {
+            let v = held_view().await;
+            v["held"] == 3 && v["failures"].as_u64().unwrap_or(0) >= 1
+        },
+    )
+    .await;
+    hs.answer(200, r#"{"pdus":{}}"#);
+    wait_for("replayed", Duration::from_secs(20), async || {
+        held_view().await["held"].as_u64().unwrap_or(0) == 0
+    })
+    .await;
+    let order: Vec<String> = hs
+        .seen()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.target.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    let mut firsts: Vec<String> = Vec::new();
+    for t in order {
+        if firsts.last() != Some(&t) {
+            firsts.push(t);
+        }
+    }
+    assert_eq!(firsts, ["e1", "e4", "e5", "e6"]);
+
+    // Other federation requests go to the homeserver; the rest is not ours.
+    hs.answer(200, r#"{"server":{"name":"recorder"}}"#);
+    let v: Value = client
+        .get(edge("/_matrix/federation/v1/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["server"]["name"], "recorder");
+    let r = client
+        .get(edge("/_matrix/client/versions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 }

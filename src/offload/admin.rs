@@ -34,6 +34,7 @@ fn queues(app: &App, dir: Dir) -> Result<Value, ApiError> {
     let states = store.custody_states(dir)?;
     let mut names: BTreeSet<String> = store.custody_queues(dir)?.into_iter().collect();
     names.extend(states.iter().map(|(q, _)| q.clone()));
+    names.extend(store.custody_parked_queues(dir)?);
     let now = now_ms();
     let mut out = Map::new();
     for name in names {

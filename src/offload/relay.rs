@@ -16,7 +16,7 @@
 //! requires. It never parses or rewrites a body and never touches courier's own queues.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,6 +54,9 @@ struct Inner {
     timeout: Duration,
     /// Queues with a running task; the flag says "look again before exiting".
     active: Mutex<HashMap<QueueId, Arc<AtomicBool>>>,
+    /// Destinations whose outbound queue is backing off (spares a store read on
+    /// every authenticated inbound request).
+    backing_off: Mutex<HashSet<String>>,
     timers: mpsc::UnboundedSender<(Instant, QueueId)>,
     timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(Instant, QueueId)>>>,
     permits: Semaphore,
@@ -91,6 +94,7 @@ impl Relay {
                 in_policy,
                 timeout: f.request_timeout,
                 active: Mutex::default(),
+                backing_off: Mutex::default(),
                 timers: tx,
                 timer_rx: Mutex::new(Some(rx)),
                 permits: Semaphore::new(f.max_concurrent_transactions),
@@ -150,6 +154,9 @@ impl Relay {
     /// `server` sent us an authenticated request: it is up. Clears the backoff of the
     /// outbound queue held for it, if any, and replays at once.
     pub fn peer_is_up(&self, server: &str) {
+        if !self.backing_off(server, false) {
+            return;
+        }
         let store = &self.inner.store;
         match store.custody_state(Dir::Out, server) {
             Ok(st) if st.failures > 0 => {
@@ -168,6 +175,16 @@ impl Relay {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(destination = server, error = %e, "cannot read queue state"),
+        }
+    }
+
+    /// Marks `dest`'s outbound queue as backing off or not; returns whether it was.
+    fn backing_off(&self, dest: &str, on: bool) -> bool {
+        let mut set = self.inner.backing_off.lock().expect("backing_off");
+        if on {
+            !set.insert(dest.to_owned())
+        } else {
+            set.remove(dest)
         }
     }
 
@@ -229,6 +246,9 @@ impl Relay {
                 store.custody_ack(&mut b, dir, queue, held.seq);
                 store.put_custody_state(&mut b, dir, queue, &QueueState::default());
                 store.commit_unsynced(b)?;
+                if dir == Dir::Out {
+                    self.backing_off(queue, false);
+                }
                 metrics::counter!("courier_offload_replayed_total", &labels).increment(1);
                 tracing::debug!(
                     direction = dir.tag(),
@@ -256,6 +276,9 @@ impl Relay {
                 let mut b = Batch::new();
                 store.put_custody_state(&mut b, dir, queue, &st);
                 store.commit_unsynced(b)?;
+                if dir == Dir::Out {
+                    self.backing_off(queue, true);
+                }
                 metrics::counter!("courier_offload_replay_failures_total", &labels).increment(1);
                 tracing::warn!(
                     direction = dir.tag(),

@@ -138,6 +138,15 @@ impl Store {
 
     /// Every queue of `dir` holding at least one transaction (one seek per queue).
     pub fn custody_queues(&self, dir: Dir) -> Result<Vec<String>, StoreError> {
+        self.queues_in(cf::CUSTODY, dir)
+    }
+
+    /// Every queue of `dir` with at least one parked transaction.
+    pub fn custody_parked_queues(&self, dir: Dir) -> Result<Vec<String>, StoreError> {
+        self.queues_in(cf::CUSTODY_PARKED, dir)
+    }
+
+    fn queues_in(&self, cf_name: &'static str, dir: Dir) -> Result<Vec<String>, StoreError> {
         let dir_prefix = key(&[dir.tag().as_bytes(), b""]);
         let mut out = Vec::new();
         let mut from = dir_prefix.clone();
@@ -145,7 +154,7 @@ impl Store {
             let mut opts = rocksdb::ReadOptions::default();
             opts.set_iterate_upper_bound(prefix_end(&dir_prefix));
             let mut iter = self.db().iterator_cf_opt(
-                self.cf(cf::CUSTODY),
+                self.cf(cf_name),
                 opts,
                 rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
             );
@@ -295,6 +304,7 @@ mod tests {
         s.commit(b).await.unwrap();
         assert!(s.custody_queues(Dir::Out).unwrap().is_empty());
         assert_eq!(s.custody_parked_count(Dir::Out, "b.test"), 1);
+        assert_eq!(s.custody_parked_queues(Dir::Out).unwrap(), vec!["b.test"]);
         assert_eq!(s.custody_depth(Dir::In, "origin.test").unwrap().0, 1);
     }
 

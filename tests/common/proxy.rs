@@ -454,3 +454,83 @@ impl Drop for FakeOrigin {
         self.handle.shutdown();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Recording receiver
+// ---------------------------------------------------------------------------
+
+/// One request a [`Recorder`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query, as received.
+    pub target: String,
+    pub authorization: Vec<String>,
+    pub body: Bytes,
+}
+
+/// A TLS server that records every request and answers with a settable status and
+/// body (200 `{"pdus": {}}` at first): a stand-in destination or homeserver.
+pub struct Recorder {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Recorded>>>,
+    answer: Arc<Mutex<(u16, String)>>,
+    handle: axum_server::Handle<SocketAddr>,
+}
+
+impl Recorder {
+    pub async fn start() -> Recorder {
+        let seen: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let answer = Arc::new(Mutex::new((200u16, r#"{"pdus":{}}"#.to_owned())));
+        let (seen2, answer2) = (seen.clone(), answer.clone());
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let (seen, answer) = (seen2.clone(), answer2.clone());
+                async move {
+                    seen.lock().unwrap().push(Recorded {
+                        method: method.to_string(),
+                        target: uri
+                            .path_and_query()
+                            .map(|p| p.as_str().to_owned())
+                            .unwrap_or_default(),
+                        authorization: headers
+                            .get_all("authorization")
+                            .iter()
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .collect(),
+                        body,
+                    });
+                    let (status, text) = answer.lock().unwrap().clone();
+                    status_reply(status, Body::from(text))
+                }
+            },
+        );
+        let (addr, handle) = serve_tls(app).await;
+        Recorder {
+            addr,
+            seen,
+            answer,
+            handle,
+        }
+    }
+
+    /// Answers every further request with `status` and `body`.
+    pub fn answer(&self, status: u16, body: &str) {
+        *self.answer.lock().unwrap() = (status, body.to_owned());
+    }
+
+    pub fn seen(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// How many requests arrived (whatever they were answered).
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
