@@ -231,7 +231,16 @@ async fn synapse_offload_both_ways_survives_outages_and_sigkill() {
             Duration::from_secs(60),
         )
         .await;
-        assert_eq!(events.len(), per as usize, "phase 1 delivered: {events:?}");
+        let mut ns: Vec<u64> = events
+            .iter()
+            .filter_map(|e| e["content"]["n"].as_u64())
+            .collect();
+        ns.sort_unstable();
+        assert_eq!(
+            ns,
+            (0..per).collect::<Vec<_>>(),
+            "phase 1 exactly once: {events:?}"
+        );
         since
     };
     sb.stop();
