@@ -49,8 +49,21 @@ async fn version() -> Json<Value> {
 }
 
 /// Parses a JSON body, mapping failures to the Matrix codes.
-fn json_body(body: &Bytes) -> Result<Value, ApiError> {
+pub(crate) fn json_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))
+}
+
+/// A transaction's body, or the Matrix error for why it could not be read.
+pub(crate) fn transaction_body(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("transaction too large")
+        } else {
+            ApiError::bad_json(r.body_text())
+        }
+    })
 }
 
 /// `PUT /_matrix/federation/v1/send/{txnId}`.
@@ -62,13 +75,7 @@ async fn send(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("transaction too large")
-        } else {
-            ApiError::bad_json(r.body_text())
-        }
-    })?;
+    let body = transaction_body(body)?;
     let content = json_body(&body)?;
     let origin = authenticate(&app, &method, &uri, &headers, Some(&content)).await?;
     let obj = content

@@ -13,7 +13,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use serde_json::{Value, json};
@@ -22,6 +22,7 @@ use crate::app::App;
 use crate::config::Custody;
 use crate::error::ApiError;
 use crate::federation::auth::authenticate_for;
+use crate::federation::routes::{json_body, transaction_body};
 use crate::offload::{carries_pdus, forward, hold};
 use crate::store::custody::Dir;
 
@@ -40,20 +41,13 @@ async fn send(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("transaction too large")
-        } else {
-            ApiError::bad_json(r.body_text())
-        }
-    })?;
+    let body = transaction_body(body)?;
     let Some(hs_name) = &app.config.offload.homeserver_name else {
         return Err(ApiError::internal(
             "edge listener without [offload] homeserver_name",
         ));
     };
-    let content: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))?;
+    let content = json_body(&body)?;
     let origin = authenticate_for(
         &app,
         hs_name.as_str(),
