@@ -21,3 +21,4 @@ pub mod signing;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod wakeups;

@@ -15,8 +15,7 @@
 //!
 //! It never touches device inboxes or HTTP routing.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -488,30 +487,6 @@ impl From<StoreError> for StepError {
 }
 
 /// The one task that holds every pending wake-up (backoff timers, staggered start).
-async fn run_timers(sender: Sender, mut rx: mpsc::UnboundedReceiver<(Instant, String)>) {
-    let mut heap: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
-    loop {
-        let next = heap.peek().map(|Reverse((at, _))| *at);
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(entry) => heap.push(Reverse(entry)),
-                None => return,
-            },
-            _ = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let now = Instant::now();
-                while let Some(Reverse((at, _))) = heap.peek() {
-                    if *at > now {
-                        break;
-                    }
-                    let Reverse((_, dest)) = heap.pop().expect("peeked");
-                    sender.wake(&dest);
-                }
-            }
-        }
-    }
+async fn run_timers(sender: Sender, rx: mpsc::UnboundedReceiver<(Instant, String)>) {
+    crate::wakeups::run(rx, |dest: String| sender.wake(&dest)).await
 }

@@ -15,8 +15,7 @@
 //! the transaction once more; receivers deduplicate by `(origin, txnId)`, as the spec
 //! requires. It never parses or rewrites a body and never touches courier's own queues.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -366,30 +365,6 @@ enum Step {
 }
 
 /// The one task holding every pending wake-up (backoff timers, staggered start).
-async fn run_timers(relay: Relay, mut rx: mpsc::UnboundedReceiver<(Instant, QueueId)>) {
-    let mut heap: BinaryHeap<Reverse<(Instant, QueueId)>> = BinaryHeap::new();
-    loop {
-        let next = heap.peek().map(|Reverse((at, _))| *at);
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(entry) => heap.push(Reverse(entry)),
-                None => return,
-            },
-            _ = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let now = Instant::now();
-                while let Some(Reverse((at, _))) = heap.peek() {
-                    if *at > now {
-                        break;
-                    }
-                    let Reverse((_, (dir, queue))) = heap.pop().expect("peeked");
-                    relay.wake(dir, &queue);
-                }
-            }
-        }
-    }
+async fn run_timers(relay: Relay, rx: mpsc::UnboundedReceiver<(Instant, QueueId)>) {
+    crate::wakeups::run(rx, |(dir, queue): QueueId| relay.wake(dir, &queue)).await
 }
