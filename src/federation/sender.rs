@@ -5,8 +5,8 @@
 //! - at most one transaction in flight per destination (the spec's ordering rule); a
 //!   retry reuses the same txnId and the same EDUs (the in-flight record in the store
 //!   names them), a new transaction gets a fresh txnId;
-//! - EDUs leave the queue only on the destination's 200 (one range delete) or by being
-//!   parked after a definitive refusal of that EDU alone; never by age or at start-up;
+//! - EDUs leave the queue only on the destination's 200 (point deletes, and the
+//!   destination's low-water mark `acked_seq` rises past them) or by being parked after a definitive refusal of that EDU alone; never by age or at start-up;
 //! - a destination with no work costs no task and no connection: its task exits when
 //!   the queue is empty or when it must back off, and one scheduler task holds the
 //!   timers of every backed-off destination;
@@ -289,7 +289,13 @@ impl Sender {
         // The transaction: the in-flight one again, or a fresh head of the queue.
         let (inflight, edus) = match st.inflight.clone() {
             Some(inf) => {
-                let edus = store.outbox_head(dest, usize::MAX, usize::MAX, Some(inf.last_seq))?;
+                let edus = store.outbox_head(
+                    dest,
+                    st.acked_seq,
+                    usize::MAX,
+                    usize::MAX,
+                    Some(inf.last_seq),
+                )?;
                 if edus.is_empty() {
                     st.inflight = None;
                     continue_fresh(
@@ -360,6 +366,9 @@ impl Sender {
             Outcome::Delivered => {
                 let mut b = Batch::new();
                 store.outbox_ack(&mut b, dest, &edus);
+                if let Some(last) = edus.last() {
+                    st.acked_seq = st.acked_seq.max(last.seq);
+                }
                 st.inflight = None;
                 st.failures = 0;
                 st.next_attempt_ts = 0;
@@ -417,6 +426,7 @@ impl Sender {
                     metrics::counter!("courier_transactions_split_total").increment(1);
                 } else {
                     store.outbox_park(&mut b, dest, &edus[0], &why);
+                    st.acked_seq = st.acked_seq.max(edus[0].seq);
                     self.dequeued(dest, 1);
                     tracing::warn!(destination = dest, seq = edus[0].seq, error = %why, "EDU refused by the destination; parked");
                     metrics::counter!("courier_edus_parked_total").increment(1);
@@ -438,7 +448,7 @@ fn continue_fresh(
     max_edus: usize,
     max_bytes: usize,
 ) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
-    let edus = store.outbox_head(dest, max_edus, max_bytes, None)?;
+    let edus = store.outbox_head(dest, st.acked_seq, max_edus, max_bytes, None)?;
     let Some(last) = edus.last() else {
         return Ok((
             Inflight {
