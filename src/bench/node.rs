@@ -260,12 +260,14 @@ pub struct Node {
 
 impl Node {
     /// Starts a courier from `bin` in `dir` (created fresh): the default configuration,
-    /// plus what loopback federation needs and an admin token.
+    /// plus what loopback federation needs and an admin token, then `extra` (TOML
+    /// tables appended as they are, e.g. `[federation.overrides]`).
     pub async fn courier(
         bin: &Path,
         dir: PathBuf,
         label: &str,
         http: &reqwest::Client,
+        extra: &str,
     ) -> anyhow::Result<Node> {
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
@@ -283,7 +285,8 @@ impl Node {
              allow_private_destinations = true\n\
              verify_certificates = false\n\n\
              [admin]\n\
-             token = \"{ADMIN_TOKEN}\"\n"
+             token = \"{ADMIN_TOKEN}\"\n\
+             {extra}"
         );
         std::fs::write(dir.join("courier.toml"), config)?;
         let flavor = Flavor::Courier {
