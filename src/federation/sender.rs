@@ -373,6 +373,16 @@ impl Sender {
                 st.failures = 0;
                 st.next_attempt_ts = 0;
                 st.last_error = None;
+                // The next transaction's in-flight record rides in the same write as
+                // this acknowledgement: every write here may wait behind the intake's
+                // fsync, and it is on the path of every transaction.
+                let _ = next_transaction(
+                    store,
+                    dest,
+                    &mut st,
+                    MAX_EDUS_PER_TXN,
+                    self.inner.config.max_transaction_bytes,
+                )?;
                 store.put_dest_state(&mut b, dest, &st);
                 store.commit_unsynced(b)?;
                 self.inner
@@ -448,6 +458,25 @@ fn continue_fresh(
     max_edus: usize,
     max_bytes: usize,
 ) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
+    let (inflight, edus) = next_transaction(store, dest, st, max_edus, max_bytes)?;
+    if !edus.is_empty() {
+        let mut b = Batch::new();
+        store.put_dest_state(&mut b, dest, st);
+        store.commit_unsynced(b)?;
+    }
+    Ok((inflight, edus))
+}
+
+/// Forms a fresh transaction from the queue head (above `st.acked_seq`) and sets it
+/// as `st.inflight`, without writing anything: the caller records `st`. An empty
+/// queue leaves `st` alone and yields no EDUs.
+fn next_transaction(
+    store: &Store,
+    dest: &str,
+    st: &mut DestState,
+    max_edus: usize,
+    max_bytes: usize,
+) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
     let edus = store.outbox_head(dest, st.acked_seq, max_edus, max_bytes, None)?;
     let Some(last) = edus.last() else {
         return Ok((
@@ -471,9 +500,6 @@ fn continue_fresh(
         origin_server_ts: now,
     };
     st.inflight = Some(inflight.clone());
-    let mut b = Batch::new();
-    store.put_dest_state(&mut b, dest, st);
-    store.commit_unsynced(b)?;
     Ok((inflight, edus))
 }
 
