@@ -221,6 +221,11 @@ pub struct Measured {
     pub store_bytes_b: u64,
     pub store_bytes_a_start: u64,
     pub store_bytes_b_start: u64,
+    /// courier: the store's size after the server stopped and the store was reopened
+    /// (write-ahead log replayed and flushed) and compacted, i.e. what is really
+    /// left; Synapse: the same as `store_bytes_*`.
+    pub store_bytes_a_compacted: u64,
+    pub store_bytes_b_compacted: u64,
     /// Messages still in A's store after the run (read after stopping it): 0 when
     /// everything was delivered and acknowledged.
     pub pending_rows_a: Option<u64>,
@@ -772,6 +777,8 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         store_bytes_b: rig.bs.iter().map(Node::store_bytes).sum(),
         store_bytes_a_start: store_a_start,
         store_bytes_b_start: store_b_start,
+        store_bytes_a_compacted: 0,
+        store_bytes_b_compacted: 0,
         pending_rows_a: None,
         pending_rows_b: None,
         elapsed_seconds: round(elapsed, 3),
@@ -801,6 +808,8 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         };
     }
     measured.pending_rows_b = if rig.sim.is_some() { None } else { pending_b };
+    measured.store_bytes_a_compacted = rig.a.store_bytes();
+    measured.store_bytes_b_compacted = rig.bs.iter().map(Node::store_bytes).sum();
     if measured.pending_rows_a.unwrap_or(0) + measured.pending_rows_b.unwrap_or(0) > 0 {
         say(&format!(
             "{}: stores still hold messages after the run (A {:?}, B {:?}); last client error: {:?}",
@@ -893,6 +902,16 @@ pub fn table(r: &Report) -> String {
         (
             "store B MiB (start)",
             Box::new(|m| format!("{} ({})", mib(m.store_bytes_b), mib(m.store_bytes_b_start))),
+        ),
+        (
+            "compacted A/B MiB",
+            Box::new(|m| {
+                format!(
+                    "{}/{}",
+                    mib(m.store_bytes_a_compacted),
+                    mib(m.store_bytes_b_compacted)
+                )
+            }),
         ),
         (
             "left in stores A/B",
@@ -989,6 +1008,8 @@ mod tests {
             store_bytes_b: 2,
             store_bytes_a_start: 1,
             store_bytes_b_start: 2,
+            store_bytes_a_compacted: 1,
+            store_bytes_b_compacted: 2,
             pending_rows_a: Some(0),
             pending_rows_b: Some(0),
             elapsed_seconds: 0.1,
