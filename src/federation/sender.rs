@@ -286,6 +286,16 @@ impl Sender {
                 Instant::now() + Duration::from_millis(st.next_attempt_ts - now),
             ));
         }
+        // The permit first: a transaction in memory (its EDUs, its body) exists only
+        // while it holds one, so at most `max_concurrent` of them do. Taken after
+        // building them, 1000 busy destinations held 1000 bodies while they waited
+        // (840 MiB RSS measured).
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| StepError::Fatal(e.to_string()))?;
         // The transaction: the in-flight one again, or a fresh head of the queue.
         let (inflight, edus) = match st.inflight.clone() {
             Some(inf) => {
@@ -343,12 +353,6 @@ impl Sender {
                 percent_encoding::NON_ALPHANUMERIC
             )
         );
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| StepError::Fatal(e.to_string()))?;
         let reply = self
             .inner
             .client
