@@ -162,6 +162,8 @@ const SEQ_BLOCK: u64 = 1 << 20;
 const SEQ_KEY: &[u8] = b"seq_reserved";
 /// Requests merged into one synced write at most.
 const MAX_GROUP: usize = 1024;
+/// Memtable size per column family (RocksDB's default is 64 MiB).
+const WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 impl Store {
     /// Opens (creating if needed) the database in `path`.
@@ -172,11 +174,12 @@ impl Store {
         db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         db_opts.increase_parallelism(2);
         db_opts.set_keep_log_file_num(4);
-        db_opts.set_max_total_wal_size(256 * 1024 * 1024);
+        db_opts.set_max_total_wal_size(32 * 1024 * 1024);
         let ttl_ms = options.dedupe_ttl.as_millis() as u64;
         let descriptors = cf::ALL.iter().map(|name| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_write_buffer_size(WRITE_BUFFER_BYTES);
             if cf::EXPIRING.contains(name) {
                 o.set_compaction_filter(
                     "expired_markers",
