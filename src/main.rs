@@ -15,6 +15,12 @@ use courier::admin_cli;
 use courier::config::Config;
 use courier::signing::{self, SigningKey, canonical};
 
+/// mimalloc instead of glibc's malloc: in profiles of a loaded origin, glibc's
+/// malloc/free (fragmented arenas: `malloc_consolidate`, `unlink_chunk`) took about a
+/// quarter of the CPU; with mimalloc the same work took 25 % less CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "courier",

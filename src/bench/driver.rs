@@ -52,15 +52,40 @@ pub struct SendPlan {
     pub limit: u64,
     /// ...or once this instant has passed.
     pub deadline: Option<Instant>,
+    /// Paced sending: message `n` is not sent before `start + n / rate` (messages per
+    /// second over all senders); `None` sends as fast as the servers take them.
+    pub pace: Option<(Instant, f64)>,
     pub payload: usize,
     /// Devices per message: 1 = one named device; more = `*` to a user with that many.
     pub fanout: usize,
+    /// Targets per message: 1 = the next target, round robin; more = this many
+    /// consecutive targets (round robin), each to its first device, in one request.
+    pub spread: usize,
     pub targets: Vec<Target>,
 }
 
 impl SendPlan {
     /// The request body of message `n`, sent at `ts` (µs since the epoch).
     pub fn body(&self, n: u64, ts: u64) -> String {
+        let content = self.content(n, ts);
+        if self.spread > 1 {
+            let d = self.targets.len().max(1) as u64;
+            let first = n.wrapping_mul(self.spread as u64);
+            let mut out = String::with_capacity(32 + self.spread * (content.len() + 64));
+            out.push_str("{\"messages\":{");
+            for i in 0..self.spread as u64 {
+                let Some(t) = self.targets.get((first.wrapping_add(i) % d) as usize) else {
+                    continue;
+                };
+                let device = t.device_ids.first().map_or("*", String::as_str);
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&format!("\"{}\":{{\"{device}\":{content}}}", t.user_id));
+            }
+            out.push_str("}}");
+            return out;
+        }
         let d = self.targets.len().max(1) as u64;
         let Some(target) = self.targets.get((n % d) as usize) else {
             return "{\"messages\":{}}".to_owned();
@@ -75,13 +100,17 @@ impl SendPlan {
                 .map(String::as_str)
                 .unwrap_or("*")
         };
-        let bare = format!("{{\"id\":{n},\"ts\":{ts},\"pad\":\"\"}}");
-        let pad = self.payload.saturating_sub(bare.len());
-        let content = format!("{{\"id\":{n},\"ts\":{ts},\"pad\":\"{}\"}}", "x".repeat(pad));
         format!(
             "{{\"messages\":{{\"{}\":{{\"{device}\":{content}}}}}}}",
             target.user_id
         )
+    }
+
+    /// The content of message `n`: its id and send time, padded to the payload size.
+    fn content(&self, n: u64, ts: u64) -> String {
+        let bare = format!("{{\"id\":{n},\"ts\":{ts},\"pad\":\"\"}}");
+        let pad = self.payload.saturating_sub(bare.len());
+        format!("{{\"id\":{n},\"ts\":{ts},\"pad\":\"{}\"}}", "x".repeat(pad))
     }
 }
 
@@ -125,7 +154,7 @@ impl Shared {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    fn note_error(&self, e: String) {
+    pub fn note_error(&self, e: String) {
         if let Ok(mut g) = self.last_error.lock() {
             *g = Some(e);
         }
@@ -199,6 +228,13 @@ pub async fn send_loop(
         if n >= plan.limit {
             return;
         }
+        if let Some((start, rate)) = plan.pace {
+            let at = start + Duration::from_secs_f64(n as f64 / rate);
+            if plan.deadline.is_some_and(|d| at >= d) {
+                return;
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
         shared
             .first_send_us
             .fetch_min(shared.since_epoch_us(), Ordering::Relaxed);
@@ -228,6 +264,28 @@ pub async fn send_one(
         "{{\"messages\":{{\"{to_user}\":{{\"{to_device}\":{{\"at\":{}}}}}}}}}",
         unix_us()
     );
+    put_to_device(http, from, ty, txn, body, shared).await
+}
+
+/// Sends one unmeasured message to the first device of every target, in one request;
+/// true once accepted.
+pub async fn send_to_all(
+    http: &reqwest::Client,
+    from: &Device,
+    ty: &str,
+    txn: &str,
+    targets: &[Target],
+    shared: &Shared,
+) -> bool {
+    let at = unix_us();
+    let messages: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            let device = t.device_ids.first().map_or("*", String::as_str);
+            format!("\"{}\":{{\"{device}\":{{\"at\":{at}}}}}", t.user_id)
+        })
+        .collect();
+    let body = format!("{{\"messages\":{{{}}}}}", messages.join(","));
     put_to_device(http, from, ty, txn, body, shared).await
 }
 
@@ -444,8 +502,10 @@ mod tests {
         SendPlan {
             limit: 10,
             deadline: None,
+            pace: None,
             payload,
             fanout,
+            spread: 1,
             targets: vec![
                 Target {
                     user_id: "@r:127.0.0.1:1".into(),
@@ -471,5 +531,21 @@ mod tests {
         let p = plan(5, 10);
         let b: serde_json::Value = serde_json::from_str(&p.body(4, 1)).unwrap();
         assert_eq!(b["messages"]["@r:127.0.0.1:1"]["*"]["id"], 4);
+    }
+
+    #[test]
+    fn spread_bodies_address_consecutive_targets() {
+        let mut p = plan(1, 100);
+        p.targets.push(Target {
+            user_id: "@r:127.0.0.1:3".into(),
+            device_ids: vec!["D0".into()],
+        });
+        p.spread = 2;
+        // Message 1 goes to targets 2 and 0 (of 3).
+        let b: serde_json::Value = serde_json::from_str(&p.body(1, 7)).unwrap();
+        let m = b["messages"].as_object().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["@r:127.0.0.1:3"]["D0"]["id"], 1);
+        assert_eq!(m["@r:127.0.0.1:1"]["D0"]["ts"], 7);
     }
 }

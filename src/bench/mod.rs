@@ -10,7 +10,10 @@
 //!   requests in flight;
 //! - `fan-out`: one message per request to `*` of a user with `--fanout` devices;
 //! - `backlog`: the destination is killed while the messages queue on the origin, then
-//!   restarted on the same data; the drain is measured from its restart.
+//!   restarted on the same data; the drain is measured from its restart;
+//! - `many-destinations`: one request carries a message for each of `--fanout`
+//!   destinations out of `--destinations` (1000) simulated servers (`destinations`),
+//!   so the origin runs that many queues and delivery tasks at once.
 //!
 //! `--destinations D` runs D destination servers, messages spread round robin.
 //!
@@ -18,6 +21,7 @@
 //! running or a scratch folder behind (also on error or Ctrl-C), never send traffic
 //! anywhere but 127.0.0.1, and never write anything but the report to stdout.
 
+pub mod destinations;
 pub mod driver;
 pub mod histogram;
 pub mod node;
@@ -32,8 +36,8 @@ use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use destinations::Destinations;
 use driver::{Received, SendPlan, Shared, Target};
-use histogram::Histogram;
 use node::{Device, Node, Scratch, SynapseEnv};
 use progress::{Goal, Progress};
 
@@ -52,6 +56,8 @@ pub enum Scenario {
     FanOut,
     /// Queue while the destination is down, then measure the drain after its restart.
     Backlog,
+    /// One request to --fanout of --destinations simulated servers (courier only).
+    ManyDestinations,
 }
 
 impl Scenario {
@@ -60,6 +66,7 @@ impl Scenario {
             Scenario::OneToOne => "one-to-one",
             Scenario::FanOut => "fan-out",
             Scenario::Backlog => "backlog",
+            Scenario::ManyDestinations => "many-destinations",
         }
     }
 }
@@ -81,14 +88,20 @@ pub struct Options {
     #[arg(long, default_value_t = 256)]
     pub payload: usize,
     /// Devices per message (addressed as `*`); fan-out: 100 by default, else 1.
+    /// many-destinations: destinations per message (100 by default).
     #[arg(long)]
     pub fanout: Option<usize>,
-    /// sendToDevice requests in flight.
+    /// sendToDevice requests in flight (at most).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Destination servers (messages spread round robin).
-    #[arg(long, default_value_t = 1)]
-    pub destinations: usize,
+    /// Send at this many messages per second (paced over all senders) instead of as
+    /// fast as the origin accepts them: for latency at a given load.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Destination servers (messages spread round robin); many-destinations: 1000
+    /// by default, else 1.
+    #[arg(long)]
+    pub destinations: Option<usize>,
     /// One-to-one: recipient devices per destination (messages spread round robin).
     #[arg(long, default_value_t = 8)]
     pub recipients: usize,
@@ -110,9 +123,22 @@ impl Options {
     /// Devices per message, after the scenario's default.
     pub fn fanout(&self) -> usize {
         self.fanout.unwrap_or(match self.scenario {
-            Scenario::FanOut => 100,
+            Scenario::FanOut | Scenario::ManyDestinations => 100,
             _ => 1,
         })
+    }
+
+    /// Destination servers, after the scenario's default.
+    pub fn destinations(&self) -> usize {
+        self.destinations.unwrap_or(match self.scenario {
+            Scenario::ManyDestinations => 1000,
+            _ => 1,
+        })
+    }
+
+    /// Whether the destinations are simulated in-process (see `destinations`).
+    fn simulated(&self) -> bool {
+        self.scenario == Scenario::ManyDestinations
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -120,7 +146,18 @@ impl Options {
         if self.concurrency == 0 || self.concurrency > 4096 {
             bail!("--concurrency must be between 1 and 4096");
         }
-        if self.destinations == 0 || self.destinations > 32 {
+        let destinations = self.destinations();
+        if self.simulated() {
+            if destinations == 0 || destinations > 5000 {
+                bail!("--destinations must be between 1 and 5000 for many-destinations");
+            }
+            if fanout > destinations {
+                bail!("--fanout (destinations per message) must be at most --destinations");
+            }
+            if self.synapse {
+                bail!("many-destinations simulates its destinations: it runs courier only");
+            }
+        } else if destinations == 0 || destinations > 32 {
             bail!("--destinations must be between 1 and 32");
         }
         if self.recipients == 0 || self.recipients > 1000 {
@@ -131,6 +168,9 @@ impl Options {
         }
         if self.scenario == Scenario::OneToOne && fanout > 1 {
             bail!("--fanout above 1 needs --scenario fan-out (or backlog)");
+        }
+        if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            bail!("--rate must be a positive number of messages per second");
         }
         if self.messages == Some(0) {
             bail!("--messages must be positive");
@@ -181,6 +221,11 @@ pub struct Measured {
     pub store_bytes_b: u64,
     pub store_bytes_a_start: u64,
     pub store_bytes_b_start: u64,
+    /// courier: the store's size after the server stopped and the store was reopened
+    /// (write-ahead log replayed and flushed) and compacted, i.e. what is really
+    /// left; Synapse: the same as `store_bytes_*`.
+    pub store_bytes_a_compacted: u64,
+    pub store_bytes_b_compacted: u64,
     /// Messages still in A's store after the run (read after stopping it): 0 when
     /// everything was delivered and acknowledged.
     pub pending_rows_a: Option<u64>,
@@ -196,6 +241,9 @@ pub struct Measured {
     pub payload: usize,
     pub concurrency: usize,
     pub destinations: usize,
+    /// The paced send rate asked for (`--rate`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 impl Measured {
@@ -271,6 +319,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         .tls_danger_accept_invalid_certs(true)
         .no_proxy()
         .pool_max_idle_per_host(1024)
+        .http1_only()
         .build()
         .context("building the HTTP client")?;
     let bin = match &options.courier_bin {
@@ -314,15 +363,17 @@ impl Kind {
         }
     }
 
+    /// Starts one server; `extra` is appended to a courier's configuration.
     async fn start(
         &self,
         scratch: &Scratch,
         label: &str,
         http: &reqwest::Client,
+        extra: &str,
     ) -> anyhow::Result<Node> {
         let dir = scratch.path().join(label);
         match self {
-            Kind::Courier(bin) => Node::courier(bin, dir, label, http).await,
+            Kind::Courier(bin) => Node::courier(bin, dir, label, http, extra).await,
             Kind::Synapse(env) => Node::synapse(env, dir, label, http).await,
         }
     }
@@ -348,6 +399,8 @@ async fn federation_counts(a: &Node, bs: &[Node]) -> (u64, u64) {
 struct Rig {
     a: Node,
     bs: Vec<Node>,
+    /// many-destinations: the simulated destinations (instead of `bs`).
+    sim: Option<Destinations>,
     _scratch: Scratch,
 }
 
@@ -364,30 +417,53 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
 
     progress.set("starting servers", Goal::None);
     let scratch = Scratch::new(kind.name())?;
-    let a = kind.start(&scratch, "A", http).await?;
-    let mut bs = Vec::with_capacity(o.destinations);
-    for j in 0..o.destinations {
-        let label = if o.destinations == 1 {
+    let n_dest = o.destinations();
+    let listeners = if o.simulated() {
+        destinations::bind(n_dest)?
+    } else {
+        Vec::new()
+    };
+    let a = kind
+        .start(&scratch, "A", http, &destinations::overrides(&listeners)?)
+        .await?;
+    let mut bs = Vec::new();
+    for j in 0..if o.simulated() { 0 } else { n_dest } {
+        let label = if n_dest == 1 {
             "B".to_owned()
         } else {
             format!("B{}", j + 1)
         };
-        bs.push(kind.start(&scratch, &label, http).await?);
+        bs.push(kind.start(&scratch, &label, http, "").await?);
     }
+    let sim = if o.simulated() {
+        Some(Destinations::serve(listeners, &a.server_name, &a.base, http, shared.clone()).await?)
+    } else {
+        None
+    };
     let mut rig = Rig {
         a,
         bs,
+        sim,
         _scratch: scratch,
     };
-    say(&format!(
-        "{}: A = {}, B = {}",
-        kind.name(),
-        rig.a.server_name,
-        rig.bs
+    let b_names = match &rig.sim {
+        Some(sim) => format!(
+            "{} simulated ({} .. {})",
+            sim.names.len(),
+            sim.names.first().map_or("", String::as_str),
+            sim.names.last().map_or("", String::as_str)
+        ),
+        None => rig
+            .bs
             .iter()
             .map(|b| b.server_name.as_str())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+    };
+    say(&format!(
+        "{}: A = {}, B = {b_names}",
+        kind.name(),
+        rig.a.server_name,
     ));
 
     // Devices: senders on A, recipients on each B.
@@ -408,6 +484,13 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         });
         receivers.extend(devices.into_iter().map(|d| (d, None)));
     }
+    if let Some(sim) = &rig.sim {
+        // No devices behind simulated servers: each message names device R0.
+        targets.extend(sim.names.iter().map(|name| Target {
+            user_id: format!("@rcpt:{name}"),
+            device_ids: vec!["R0".to_owned()],
+        }));
+    }
 
     // Initial syncs (tokens to go on from), then one message per destination to
     // exchange keys before anything is measured.
@@ -426,7 +509,39 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             .map_err(|e| anyhow!("first sync of the sender failed: {e}"))?
             .next_batch,
     );
-    for (j, target) in targets.iter().enumerate() {
+    if let Some(sim) = &rig.sim {
+        // One request to every simulated destination: opens A's connections.
+        let ok = driver::send_to_all(
+            http,
+            &senders[0],
+            driver::WARMUP_TYPE,
+            "w",
+            &targets,
+            &shared,
+        )
+        .await;
+        if !ok {
+            bail!(
+                "{}: warm-up message refused: {:?}",
+                kind.name(),
+                shared.last_error.lock().map(|e| e.clone())
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while sim.warmups() < targets.len() as u64 {
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: warm-up reached {} of {} destinations in 120 s; last error: {:?}",
+                    kind.name(),
+                    sim.warmups(),
+                    targets.len(),
+                    shared.last_error.lock().map(|e| e.clone())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for (j, target) in targets.iter().enumerate().take(rig.bs.len()) {
         let ok = driver::send_one(
             http,
             &senders[0],
@@ -467,7 +582,11 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     let store_a_start = rig.a.store_bytes();
     let store_b_start: u64 = rig.bs.iter().map(Node::store_bytes).sum();
     let fed_start = federation_counts(&rig.a, &rig.bs).await;
-    let wire = |rig: &Rig| rig.a.wire_bytes() + rig.bs.iter().map(Node::wire_bytes).sum::<u64>();
+    let wire = |rig: &Rig| {
+        rig.a.wire_bytes()
+            + rig.bs.iter().map(Node::wire_bytes).sum::<u64>()
+            + rig.sim.as_ref().map_or(0, Destinations::body_bytes)
+    };
     let wire_start = wire(&rig);
 
     let deadline = o
@@ -477,8 +596,10 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     let plan = Arc::new(SendPlan {
         limit: o.messages.unwrap_or(u64::MAX),
         deadline,
+        pace: o.rate.map(|r| (Instant::now(), r)),
         payload: o.payload,
-        fanout,
+        fanout: if o.simulated() { 1 } else { fanout },
+        spread: if o.simulated() { fanout } else { 1 },
         targets,
     });
     let send_goal = match (o.messages, deadline) {
@@ -573,7 +694,11 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         ));
     }
     let _ = stop_tx.send(true);
-    let mut latency = Histogram::default();
+    let mut latency = rig
+        .sim
+        .as_ref()
+        .map(Destinations::latency)
+        .unwrap_or_default();
     for t in receiver_tasks {
         let r: Received = t.await.unwrap_or_default();
         latency.merge(&r.latency_us);
@@ -637,7 +762,10 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         rss_mib_a: round(rss_a, 1),
         rss_mib_b: round(rss_b, 1),
         cpu_seconds_a: round(rig.a.cpu_seconds(), 2),
-        cpu_seconds_b: round(rig.bs.iter().map(Node::cpu_seconds).sum(), 2),
+        cpu_seconds_b: round(
+            rig.bs.iter().map(Node::cpu_seconds).fold(0.0, |a, b| a + b),
+            2,
+        ),
         cpu_seconds_bench: round(
             node::proc_cpu_ticks(std::process::id())
                 .unwrap_or(0)
@@ -649,6 +777,8 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         store_bytes_b: rig.bs.iter().map(Node::store_bytes).sum(),
         store_bytes_a_start: store_a_start,
         store_bytes_b_start: store_b_start,
+        store_bytes_a_compacted: 0,
+        store_bytes_b_compacted: 0,
         pending_rows_a: None,
         pending_rows_b: None,
         elapsed_seconds: round(elapsed, 3),
@@ -664,7 +794,8 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         fanout,
         payload: o.payload,
         concurrency: o.concurrency,
-        destinations: o.destinations,
+        destinations: n_dest,
+        rate: o.rate,
     };
     let mut measured = measured;
     progress.set("stopping servers, reading their stores", Goal::None);
@@ -676,7 +807,9 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             _ => None,
         };
     }
-    measured.pending_rows_b = pending_b;
+    measured.pending_rows_b = if rig.sim.is_some() { None } else { pending_b };
+    measured.store_bytes_a_compacted = rig.a.store_bytes();
+    measured.store_bytes_b_compacted = rig.bs.iter().map(Node::store_bytes).sum();
     if measured.pending_rows_a.unwrap_or(0) + measured.pending_rows_b.unwrap_or(0) > 0 {
         say(&format!(
             "{}: stores still hold messages after the run (A {:?}, B {:?}); last client error: {:?}",
@@ -771,13 +904,34 @@ pub fn table(r: &Report) -> String {
             Box::new(|m| format!("{} ({})", mib(m.store_bytes_b), mib(m.store_bytes_b_start))),
         ),
         (
+            "compacted A/B MiB",
+            Box::new(|m| {
+                format!(
+                    "{}/{}",
+                    mib(m.store_bytes_a_compacted),
+                    mib(m.store_bytes_b_compacted)
+                )
+            }),
+        ),
+        (
             "left in stores A/B",
             Box::new(|m| format!("{}/{}", opt(m.pending_rows_a), opt(m.pending_rows_b))),
         ),
     ];
+    let per_message = if c.scenario == Scenario::ManyDestinations.name() {
+        "destination(s)"
+    } else {
+        "device(s)"
+    };
     let mut out = format!(
-        "scenario {}: {} payload bytes, {} device(s) per message, {} in flight, {} destination(s)\n",
-        c.scenario, c.payload, c.fanout, c.concurrency, c.destinations
+        "scenario {}: {} payload bytes, {} {per_message} per message, {} in flight{}, {} destination(s)\n",
+        c.scenario,
+        c.payload,
+        c.fanout,
+        c.concurrency,
+        c.rate
+            .map_or(String::new(), |r| format!(" (paced at {r} msgs/s)")),
+        c.destinations
     );
     out.push_str(&format!("{:<22}", ""));
     for m in &cols {
@@ -854,6 +1008,8 @@ mod tests {
             store_bytes_b: 2,
             store_bytes_a_start: 1,
             store_bytes_b_start: 2,
+            store_bytes_a_compacted: 1,
+            store_bytes_b_compacted: 2,
             pending_rows_a: Some(0),
             pending_rows_b: Some(0),
             elapsed_seconds: 0.1,
@@ -863,6 +1019,7 @@ mod tests {
             payload: 256,
             concurrency: 8,
             destinations: 1,
+            rate: None,
         };
         let mut s = m.clone();
         s.server = "Synapse";

@@ -260,12 +260,14 @@ pub struct Node {
 
 impl Node {
     /// Starts a courier from `bin` in `dir` (created fresh): the default configuration,
-    /// plus what loopback federation needs and an admin token.
+    /// plus what loopback federation needs and an admin token, then `extra` (TOML
+    /// tables appended as they are, e.g. `[federation.overrides]`).
     pub async fn courier(
         bin: &Path,
         dir: PathBuf,
         label: &str,
         http: &reqwest::Client,
+        extra: &str,
     ) -> anyhow::Result<Node> {
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
@@ -283,7 +285,8 @@ impl Node {
              allow_private_destinations = true\n\
              verify_certificates = false\n\n\
              [admin]\n\
-             token = \"{ADMIN_TOKEN}\"\n"
+             token = \"{ADMIN_TOKEN}\"\n\
+             {extra}"
         );
         std::fs::write(dir.join("courier.toml"), config)?;
         let flavor = Flavor::Courier {
@@ -746,6 +749,9 @@ impl Node {
     /// Stops the server and counts the messages its store still holds (courier:
     /// `inbox` + `outbox` + `parked` rows; Synapse: `device_inbox` +
     /// `device_federation_outbox` rows). `None` if the store cannot be read.
+    /// A courier store is then compacted (reopening it has already replayed and
+    /// flushed its write-ahead log): [`Node::store_bytes`] afterwards is the size of
+    /// what is really left.
     pub async fn stop_and_count_pending(&mut self) -> Option<u64> {
         self.stop().await;
         let dir = self.dir.clone();
@@ -753,12 +759,12 @@ impl Node {
             Flavor::Courier { .. } => tokio::task::spawn_blocking(move || {
                 use crate::store::{Store, StoreOptions, cf};
                 let store = Store::open(&dir.join("data/db"), &StoreOptions::default()).ok()?;
-                Some(
-                    [cf::INBOX, cf::OUTBOX, cf::PARKED]
-                        .into_iter()
-                        .map(|c| store.count(c) as u64)
-                        .sum(),
-                )
+                let pending = [cf::INBOX, cf::OUTBOX, cf::PARKED]
+                    .into_iter()
+                    .map(|c| store.count(c) as u64)
+                    .sum();
+                store.compact_all();
+                Some(pending)
             })
             .await
             .ok()

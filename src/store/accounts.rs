@@ -247,6 +247,16 @@ impl Store {
         cf_name: &'static str,
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<super::KeyValue, StoreError>> + 'a {
+        self.scan_from(cf_name, prefix, prefix)
+    }
+
+    /// Like [`Store::scan`], starting at `from` (a key at or after `prefix`).
+    pub(crate) fn scan_from<'a>(
+        &'a self,
+        cf_name: &'static str,
+        prefix: &[u8],
+        from: &[u8],
+    ) -> impl Iterator<Item = Result<super::KeyValue, StoreError>> + 'a {
         let mut opts = rocksdb::ReadOptions::default();
         if !prefix.is_empty() {
             opts.set_iterate_upper_bound(prefix_end(prefix));
@@ -255,7 +265,7 @@ impl Store {
             .iterator_cf_opt(
                 self.cf(cf_name),
                 opts,
-                rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+                rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
             )
             .map(|r| r.map_err(StoreError::from))
     }
