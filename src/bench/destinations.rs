@@ -312,7 +312,7 @@ fn count(ep: &Endpoint, txn: &Value) {
     let Some(edus) = txn["edus"].as_array() else {
         return;
     };
-    let Ok(mut seen) = c.seen[ep.index].lock() else {
+    let Some(Ok(mut seen)) = c.seen.get(ep.index).map(|m| m.lock()) else {
         return;
     };
     for edu in edus {

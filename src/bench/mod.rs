@@ -223,7 +223,7 @@ pub struct Measured {
     pub store_bytes_b_start: u64,
     /// courier: the store's size after the server stopped and the store was reopened
     /// (write-ahead log replayed and flushed) and compacted, i.e. what is really
-    /// left; Synapse: the same as `store_bytes_*`.
+    /// left; Synapse: its SQLite files after it stopped.
     pub store_bytes_a_compacted: u64,
     pub store_bytes_b_compacted: u64,
     /// Messages still in A's store after the run (read after stopping it): 0 when
