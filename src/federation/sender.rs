@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::federation::client::FederationClient;
+use crate::federation::edu;
 use crate::federation::retry::{Outcome, Policy, classify};
 use crate::ids::ServerName;
 use crate::store::outbox::{DestState, Inflight, QueuedEdu};
@@ -33,6 +34,9 @@ use crate::store::{Batch, Store, StoreError, now_ms};
 
 /// EDUs in one transaction: the spec's maximum.
 pub const MAX_EDUS_PER_TXN: usize = 100;
+/// Queued EDUs read for one transaction at most; consecutive ones that can are
+/// coalesced (`edu::group`) into at most [`MAX_EDUS_PER_TXN`] EDUs on the wire.
+pub const MAX_ROWS_PER_TXN: usize = 1000;
 /// Spread of start-up wake-ups, per destination.
 const STARTUP_STAGGER: Duration = Duration::from_millis(20);
 
@@ -232,10 +236,10 @@ impl Sender {
 
     /// Delivers `dest`'s queue until it is empty or the destination fails.
     async fn deliver_loop(self, dest: String, again: Arc<AtomicBool>) {
-        let mut max_edus = MAX_EDUS_PER_TXN;
+        let mut max_rows = MAX_ROWS_PER_TXN;
         loop {
             let step = match ServerName::parse(&dest) {
-                Ok(name) => self.step(&dest, &name, &mut max_edus).await,
+                Ok(name) => self.step(&dest, &name, &mut max_rows).await,
                 Err(_) => Err(StepError::Fatal(format!("{dest} is not a server name"))),
             };
             match step {
@@ -270,7 +274,7 @@ impl Sender {
         &self,
         dest: &str,
         name: &ServerName,
-        max_edus: &mut usize,
+        max_rows: &mut usize,
     ) -> Result<Step, StepError> {
         let store = &self.inner.store;
         let mut st = store.dest_state(dest)?;
@@ -311,7 +315,7 @@ impl Sender {
                         store,
                         dest,
                         &mut st,
-                        *max_edus,
+                        *max_rows,
                         self.inner.config.max_transaction_bytes,
                     )?
                 } else {
@@ -322,7 +326,7 @@ impl Sender {
                 store,
                 dest,
                 &mut st,
-                *max_edus,
+                *max_rows,
                 self.inner.config.max_transaction_bytes,
             )?,
         };
@@ -335,10 +339,17 @@ impl Sender {
             }
             return Ok(Step::Idle);
         }
-        let edu_values: Vec<Value> = edus
-            .iter()
-            .map(|e| serde_json::from_slice(&e.edu).unwrap_or(Value::Null))
+        let (runs, covered) = coalesce(&edus);
+        let mut edus = edus;
+        edus.truncate(covered);
+        let edu_values: Vec<Value> = runs
+            .into_iter()
+            .map(|run| {
+                let raw: Vec<&[u8]> = edus[run].iter().map(|e| e.edu.as_slice()).collect();
+                edu::merge(&raw)
+            })
             .collect();
+        let wire_edus = edu_values.len();
         let body = json!({
             "origin": self.inner.client.origin().as_str(),
             "origin_server_ts": inflight.origin_server_ts,
@@ -383,7 +394,7 @@ impl Sender {
                     store,
                     dest,
                     &mut st,
-                    MAX_EDUS_PER_TXN,
+                    MAX_ROWS_PER_TXN,
                     self.inner.config.max_transaction_bytes,
                 )?;
                 store.put_dest_state(&mut b, dest, &st);
@@ -394,10 +405,11 @@ impl Sender {
                     .expect("backing_off")
                     .remove(dest);
                 self.dequeued(dest, edus.len() as u64);
-                *max_edus = MAX_EDUS_PER_TXN;
+                *max_rows = MAX_ROWS_PER_TXN;
                 metrics::counter!("courier_transactions_sent_total").increment(1);
-                metrics::counter!("courier_edus_sent_total").increment(edus.len() as u64);
-                tracing::debug!(destination = dest, txn = %inflight.txn_id, edus = edus.len(), "transaction delivered");
+                metrics::counter!("courier_edus_sent_total").increment(wire_edus as u64);
+                metrics::counter!("courier_queued_edus_sent_total").increment(edus.len() as u64);
+                tracing::debug!(destination = dest, txn = %inflight.txn_id, edus = wire_edus, queued = edus.len(), "transaction delivered");
                 Ok(Step::Sent)
             }
             Outcome::Retry => {
@@ -434,7 +446,7 @@ impl Sender {
                 let mut b = Batch::new();
                 st.inflight = None;
                 if edus.len() > 1 {
-                    *max_edus = (edus.len() / 2).max(1);
+                    *max_rows = (edus.len() / 2).max(1);
                     tracing::warn!(destination = dest, edus = edus.len(), error = %why, "transaction refused; splitting it");
                     metrics::counter!("courier_transactions_split_total").increment(1);
                 } else {
@@ -443,7 +455,7 @@ impl Sender {
                     self.dequeued(dest, 1);
                     tracing::warn!(destination = dest, seq = edus[0].seq, error = %why, "EDU refused by the destination; parked");
                     metrics::counter!("courier_edus_parked_total").increment(1);
-                    *max_edus = MAX_EDUS_PER_TXN;
+                    *max_rows = MAX_ROWS_PER_TXN;
                 }
                 store.put_dest_state(&mut b, dest, &st);
                 store.commit_unsynced(b)?;
@@ -458,10 +470,10 @@ fn continue_fresh(
     store: &Store,
     dest: &str,
     st: &mut DestState,
-    max_edus: usize,
+    max_rows: usize,
     max_bytes: usize,
 ) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
-    let (inflight, edus) = next_transaction(store, dest, st, max_edus, max_bytes)?;
+    let (inflight, edus) = next_transaction(store, dest, st, max_rows, max_bytes)?;
     if !edus.is_empty() {
         let mut b = Batch::new();
         store.put_dest_state(&mut b, dest, st);
@@ -477,10 +489,14 @@ fn next_transaction(
     store: &Store,
     dest: &str,
     st: &mut DestState,
-    max_edus: usize,
+    max_rows: usize,
     max_bytes: usize,
 ) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
-    let edus = store.outbox_head(dest, st.acked_seq, max_edus, max_bytes, None)?;
+    let mut edus = store.outbox_head(dest, st.acked_seq, max_rows, max_bytes, None)?;
+    // Only whole coalesced runs, at most MAX_EDUS_PER_TXN of them: a retry rebuilds
+    // exactly this prefix into exactly these EDUs.
+    let (_, covered) = coalesce(&edus);
+    edus.truncate(covered);
     let Some(last) = edus.last() else {
         return Ok((
             Inflight {
@@ -504,6 +520,15 @@ fn next_transaction(
     };
     st.inflight = Some(inflight.clone());
     Ok((inflight, edus))
+}
+
+/// The runs of `rows` that travel as one EDU each (at most [`MAX_EDUS_PER_TXN`]) and
+/// how many rows they cover.
+fn coalesce(rows: &[QueuedEdu]) -> (Vec<std::ops::Range<usize>>, usize) {
+    let peeks: Vec<Option<edu::Peek>> = rows.iter().map(|r| edu::peek(&r.edu)).collect();
+    let runs = edu::group(&peeks, MAX_EDUS_PER_TXN);
+    let covered = runs.last().map_or(0, |r| r.end);
+    (runs, covered)
 }
 
 enum Step {
