@@ -627,3 +627,61 @@ homeserver_backoff_max = "1s"
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// `custody = "all"`: a transaction with PDUs is held too, answered at once while the
+/// destination fails, and delivered verbatim when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custody_all_holds_pdu_transactions_too() {
+    let dest = Recorder::start().await;
+    dest.answer(502, "");
+    let port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{port}"
+tls = false
+resources = ["offload"]
+
+[offload]
+secret = "{SECRET}"
+custody = "all"
+{FAST}
+[federation.overrides]
+"dest.test" = "127.0.0.1:{dest_port}"
+"#,
+        dest_port = dest.addr.port()
+    ))
+    .await;
+    let body = br#"{"origin":"hs.test","origin_server_ts":1,"pdus":[{"event_id":"$e"}],"edus":[]}"#;
+    let (status, answer) = raw_request(
+        port,
+        "PUT",
+        "matrix-federation://dest.test/_matrix/federation/v1/send/p1",
+        Some(SECRET),
+        &[(
+            "Authorization",
+            "X-Matrix origin=\"hs.test\",key=\"ed25519:a\",sig=\"c2ln\"",
+        )],
+        body,
+    );
+    assert_eq!((status, answer.as_str()), (200, r#"{"pdus":{}}"#));
+    wait_for("a failed attempt", Duration::from_secs(20), async || {
+        dest.count() >= 1
+    })
+    .await;
+    dest.answer(200, r#"{"pdus":{}}"#);
+    wait_for("delivery", Duration::from_secs(20), async || {
+        let v = c.admin_get("/_courier/admin/v1/offload").await;
+        v["outbound"]["dest.test"]["held"].as_u64().unwrap_or(0) == 0
+    })
+    .await;
+    assert!(
+        dest.count() >= 2,
+        "held through the failure, then delivered"
+    );
+    let got = dest.seen();
+    assert!(
+        got.iter().all(|r| r.body == body.as_slice()),
+        "verbatim every time"
+    );
+}
