@@ -40,7 +40,9 @@ async fn receiver_outage_backs_off_then_delivers_everything_once() {
     let first = sync_until(&b.base(), &bob, 50, Duration::from_secs(60)).await;
     assert_exactly_once(&first, 50);
     b.kill();
-    send_many(&a.base(), &alice, &bob_id, "BOB", 50..300).await;
+    // More than a whole transaction's worth queues up (1000 queued EDUs), so the
+    // drain also runs with the next transaction prepared while one is in flight.
+    send_many(&a.base(), &alice, &bob_id, "BOB", 50..2600).await;
     // The sender notices and backs off: visible in its log and its admin view.
     let end = Instant::now() + Duration::from_secs(30);
     while !a.log().contains("backing off") {
@@ -52,9 +54,9 @@ async fn receiver_outage_backs_off_then_delivers_everything_once() {
     assert!(d["failures"].as_u64().unwrap() >= 1, "{dests}");
     assert!(d["queued"].as_u64().unwrap() >= 1, "{dests}");
     b.spawn().await;
-    let rest = sync_until(&b.base(), &bob, 250, Duration::from_secs(60)).await;
+    let rest = sync_until(&b.base(), &bob, 2550, Duration::from_secs(90)).await;
     let all: Vec<u64> = first.iter().chain(rest.iter()).copied().collect();
-    assert_exactly_once(&all, 300);
+    assert_exactly_once(&all, 2600);
 }
 
 #[tokio::test]

@@ -113,7 +113,20 @@ impl FederationClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Reply, RequestError> {
-        let header = signing::xmatrix::sign_request(
+        let header = self.sign(destination, &method, path, body)?;
+        self.request_signed(destination, method, path, body, header)
+            .await
+    }
+
+    /// The `Authorization: X-Matrix` header for a request (see [`Self::request`]).
+    pub fn sign(
+        &self,
+        destination: &ServerName,
+        method: &reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<String, RequestError> {
+        signing::xmatrix::sign_request(
             method.as_str(),
             path,
             self.origin.as_str(),
@@ -122,7 +135,18 @@ impl FederationClient {
             &self.key,
             signing::canonical::NumberMode::Python,
         )
-        .map_err(|e| RequestError::Sign(e.to_string()))?;
+        .map_err(|e| RequestError::Sign(e.to_string()))
+    }
+
+    /// Sends a request signed beforehand with [`Self::sign`].
+    pub async fn request_signed(
+        &self,
+        destination: &ServerName,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        header: String,
+    ) -> Result<Reply, RequestError> {
         self.send(destination, method, path, body, Some(header))
             .await
     }

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
-use crate::federation::client::FederationClient;
+use crate::federation::client::{FederationClient, RequestError};
 use crate::federation::edu;
 use crate::federation::retry::{Outcome, Policy, classify};
 use crate::ids::ServerName;
@@ -237,9 +237,11 @@ impl Sender {
     /// Delivers `dest`'s queue until it is empty or the destination fails.
     async fn deliver_loop(self, dest: String, again: Arc<AtomicBool>) {
         let mut max_rows = MAX_ROWS_PER_TXN;
+        // The next transaction, built and signed while the previous one was in flight.
+        let mut next: Option<Prepared> = None;
         loop {
             let step = match ServerName::parse(&dest) {
-                Ok(name) => self.step(&dest, &name, &mut max_rows).await,
+                Ok(name) => self.step(&dest, &name, &mut max_rows, &mut next).await,
                 Err(_) => Err(StepError::Fatal(format!("{dest} is not a server name"))),
             };
             match step {
@@ -275,6 +277,7 @@ impl Sender {
         dest: &str,
         name: &ServerName,
         max_rows: &mut usize,
+        next: &mut Option<Prepared>,
     ) -> Result<Step, StepError> {
         let store = &self.inner.store;
         let mut st = store.dest_state(dest)?;
@@ -293,81 +296,116 @@ impl Sender {
         // while it holds one, so at most `max_concurrent` of them do. Taken after
         // building them, 1000 busy destinations held 1000 bodies while they waited
         // (840 MiB RSS measured).
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| StepError::Fatal(e.to_string()))?;
-        // The transaction: the in-flight one again, or a fresh head of the queue.
-        let (inflight, edus) = match st.inflight.clone() {
-            Some(inf) => {
-                let edus = store.outbox_head(
-                    dest,
-                    st.acked_seq,
-                    usize::MAX,
-                    usize::MAX,
-                    Some(inf.last_seq),
-                )?;
-                if edus.is_empty() {
-                    st.inflight = None;
-                    continue_fresh(
-                        store,
-                        dest,
-                        &mut st,
-                        *max_rows,
-                        self.inner.config.max_transaction_bytes,
-                    )?
-                } else {
-                    (inf, edus)
-                }
+        let _permit = match self.inner.permits.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                // Waiting: hold no prepared body meanwhile (see above).
+                *next = None;
+                self.inner
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|e| StepError::Fatal(e.to_string()))?
             }
-            None => continue_fresh(
-                store,
-                dest,
-                &mut st,
-                *max_rows,
-                self.inner.config.max_transaction_bytes,
-            )?,
         };
-        if edus.is_empty() {
-            if st.inflight.is_some() || st.failures > 0 {
-                st.inflight = None;
-                let mut b = Batch::new();
-                store.put_dest_state(&mut b, dest, &st);
-                store.commit_unsynced(b)?;
+        let max_bytes = self.inner.config.max_transaction_bytes;
+        let prepared = match next.take() {
+            // Prepared during the previous transaction and recorded as in flight with
+            // its acknowledgement: the same txnId, the same EDUs, already signed.
+            Some(p) if st.inflight.as_ref().map(|i| &i.txn_id) == Some(&p.inflight.txn_id) => p,
+            _ => {
+                // The in-flight one again, or a fresh head of the queue.
+                let (inflight, edus) = match st.inflight.clone() {
+                    Some(inf) => {
+                        let edus = store.outbox_head(
+                            dest,
+                            st.acked_seq,
+                            usize::MAX,
+                            usize::MAX,
+                            Some(inf.last_seq),
+                        )?;
+                        if edus.is_empty() {
+                            st.inflight = None;
+                            continue_fresh(store, dest, &mut st, *max_rows, max_bytes)?
+                        } else {
+                            (inf, edus)
+                        }
+                    }
+                    None => continue_fresh(store, dest, &mut st, *max_rows, max_bytes)?,
+                };
+                if edus.is_empty() {
+                    if st.inflight.is_some() || st.failures > 0 {
+                        st.inflight = None;
+                        let mut b = Batch::new();
+                        store.put_dest_state(&mut b, dest, &st);
+                        store.commit_unsynced(b)?;
+                    }
+                    return Ok(Step::Idle);
+                }
+                prepare(&self.inner.client, name, inflight, edus)
             }
-            return Ok(Step::Idle);
-        }
-        let (runs, covered) = coalesce(&edus);
-        let mut edus = edus;
-        edus.truncate(covered);
-        let edu_values: Vec<Value> = runs
-            .into_iter()
-            .map(|run| {
-                let raw: Vec<&[u8]> = edus[run].iter().map(|e| e.edu.as_slice()).collect();
-                edu::merge(&raw)
-            })
-            .collect();
-        let wire_edus = edu_values.len();
-        let body = json!({
-            "origin": self.inner.client.origin().as_str(),
-            "origin_server_ts": inflight.origin_server_ts,
-            "pdus": [],
-            "edus": edu_values,
-        });
-        let path = format!(
-            "/_matrix/federation/v1/send/{}",
-            percent_encoding::utf8_percent_encode(
-                &inflight.txn_id,
-                percent_encoding::NON_ALPHANUMERIC
-            )
-        );
-        let reply = self
+        };
+        // While this transaction travels, the next one is read, built and signed on
+        // the blocking pool (normal mode only, not while splitting a refused one):
+        // one transaction in flight per destination, but no idle gap between two.
+        // Only while permits are plentiful: when many destinations wait for them, a
+        // prepared body would be thrown away at the next wait (CPU spent for nothing;
+        // measured: 54k -> 40k msgs/s with 1000 busy destinations).
+        // And only with a backlog behind this transaction (a whole next one already
+        // queued): in a live stream, building the next one early would leave out what
+        // arrives meanwhile and add a cycle of latency (measured: p99 13 -> 18 ms).
+        let plentiful =
+            self.inner.permits.available_permits() * 2 >= self.inner.config.max_concurrent;
+        let queued = self
             .inner
-            .client
-            .request(name, reqwest::Method::PUT, &path, Some(&body))
-            .await;
+            .queued
+            .lock()
+            .expect("queued")
+            .get(dest)
+            .copied()
+            .unwrap_or(0);
+        let deep = queued >= (prepared.edus.len() + MAX_ROWS_PER_TXN) as u64;
+        let lookahead = (*max_rows == MAX_ROWS_PER_TXN && plentiful && deep).then(|| {
+            let (store, client) = (store.clone(), self.inner.client.clone());
+            let (dest, name) = (dest.to_owned(), name.clone());
+            let after = prepared.edus.last().map_or(0, |e| e.seq);
+            let counter = st.txn_counter + 1;
+            tokio::task::spawn_blocking(move || {
+                prepare_next(&store, &client, &dest, &name, after, counter, max_bytes)
+            })
+        });
+        let Prepared {
+            inflight,
+            edus,
+            wire_edus,
+            path,
+            body,
+            header,
+        } = prepared;
+        let reply = match header {
+            Ok(h) => {
+                self.inner
+                    .client
+                    .request_signed(name, reqwest::Method::PUT, &path, Some(&body), h)
+                    .await
+            }
+            Err(e) => Err(RequestError::Sign(e)),
+        };
+        // A failed look-ahead only costs the overlap: the next step builds it anew.
+        let prepared_next = match lookahead {
+            Some(job) => match job.await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::warn!(destination = dest, error = %e, "preparing the next transaction failed");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(destination = dest, error = %e, "preparing the next transaction failed");
+                    None
+                }
+            },
+            None => None,
+        };
         drop(_permit);
         let (status, detail) = match &reply {
             Ok(r) => (
@@ -390,13 +428,17 @@ impl Sender {
                 // The next transaction's in-flight record rides in the same write as
                 // this acknowledgement: every write here may wait behind the intake's
                 // fsync, and it is on the path of every transaction.
-                let _ = next_transaction(
-                    store,
-                    dest,
-                    &mut st,
-                    MAX_ROWS_PER_TXN,
-                    self.inner.config.max_transaction_bytes,
-                )?;
+                match prepared_next {
+                    Some(p) => {
+                        st.txn_counter += 1;
+                        st.inflight = Some(p.inflight.clone());
+                        *next = Some(p);
+                    }
+                    None => {
+                        let _ =
+                            next_transaction(store, dest, &mut st, MAX_ROWS_PER_TXN, max_bytes)?;
+                    }
+                }
                 store.put_dest_state(&mut b, dest, &st);
                 store.commit_unsynced(b)?;
                 self.inner
@@ -520,6 +562,87 @@ fn next_transaction(
     };
     st.inflight = Some(inflight.clone());
     Ok((inflight, edus))
+}
+
+/// A transaction ready to send: its rows, its body and its signature.
+struct Prepared {
+    inflight: Inflight,
+    /// The queued EDUs it carries (acknowledged by its 200).
+    edus: Vec<QueuedEdu>,
+    /// EDUs on the wire, after coalescing.
+    wire_edus: usize,
+    path: String,
+    body: Value,
+    header: Result<String, String>,
+}
+
+/// Builds and signs the transaction `inflight` carrying `edus` (whole coalesced runs).
+fn prepare(
+    client: &FederationClient,
+    name: &ServerName,
+    inflight: Inflight,
+    edus: Vec<QueuedEdu>,
+) -> Prepared {
+    let (runs, covered) = coalesce(&edus);
+    let mut edus = edus;
+    edus.truncate(covered);
+    let edu_values: Vec<Value> = runs
+        .into_iter()
+        .map(|run| {
+            let raw: Vec<&[u8]> = edus[run].iter().map(|e| e.edu.as_slice()).collect();
+            edu::merge(&raw)
+        })
+        .collect();
+    let wire_edus = edu_values.len();
+    let body = json!({
+        "origin": client.origin().as_str(),
+        "origin_server_ts": inflight.origin_server_ts,
+        "pdus": [],
+        "edus": edu_values,
+    });
+    let path = format!(
+        "/_matrix/federation/v1/send/{}",
+        percent_encoding::utf8_percent_encode(&inflight.txn_id, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let header = client
+        .sign(name, &reqwest::Method::PUT, &path, Some(&body))
+        .map_err(|e| e.to_string());
+    Prepared {
+        inflight,
+        edus,
+        wire_edus,
+        path,
+        body,
+        header,
+    }
+}
+
+/// The transaction that follows one ending at `after` (if the queue holds more), with
+/// txn counter `counter`, prepared without writing anything: the caller records it as
+/// in flight together with the acknowledgement of the current one.
+fn prepare_next(
+    store: &Store,
+    client: &FederationClient,
+    dest: &str,
+    name: &ServerName,
+    after: u64,
+    counter: u64,
+    max_bytes: usize,
+) -> Result<Option<Prepared>, StoreError> {
+    let mut edus = store.outbox_head(dest, after, MAX_ROWS_PER_TXN, max_bytes, None)?;
+    let (_, covered) = coalesce(&edus);
+    edus.truncate(covered);
+    let Some(last) = edus.last() else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    let inflight = Inflight {
+        txn_id: format!("{now}{counter}"),
+        last_seq: last.seq,
+        edu_count: edus.len(),
+        origin_server_ts: now,
+    };
+    Ok(Some(prepare(client, name, inflight, edus)))
 }
 
 /// The runs of `rows` that travel as one EDU each (at most [`MAX_EDUS_PER_TXN`]) and
