@@ -53,6 +53,19 @@ pub(crate) fn json_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))
 }
 
+/// A transaction's `origin` must be the server that signed the request (403 otherwise).
+pub(crate) fn same_origin(
+    content: &Value,
+    signer: &crate::ids::ServerName,
+) -> Result<(), ApiError> {
+    if content.get("origin").and_then(Value::as_str) != Some(signer.as_str()) {
+        return Err(ApiError::forbidden(
+            "transaction origin does not match the signing server",
+        ));
+    }
+    Ok(())
+}
+
 /// A transaction's body, or the Matrix error for why it could not be read.
 pub(crate) fn transaction_body(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -81,11 +94,7 @@ async fn send(
     let obj = content
         .as_object()
         .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
-    if obj.get("origin").and_then(Value::as_str) != Some(origin.as_str()) {
-        return Err(ApiError::forbidden(
-            "transaction origin does not match the signing server",
-        ));
-    }
+    same_origin(&content, &origin)?;
     let empty = Vec::new();
     let list = |field: &str| -> Result<&Vec<Value>, ApiError> {
         match obj.get(field) {

@@ -315,25 +315,25 @@ impl Sender {
             Some(p) if st.inflight.as_ref().map(|i| &i.txn_id) == Some(&p.inflight.txn_id) => p,
             _ => {
                 // The in-flight one again, or a fresh head of the queue.
-                let (inflight, edus) = match st.inflight.clone() {
+                let found = match st.inflight.clone() {
                     Some(inf) => {
-                        let edus = store.outbox_head(
+                        let rows = coalesced(store.outbox_head(
                             dest,
                             st.acked_seq,
                             usize::MAX,
                             usize::MAX,
                             Some(inf.last_seq),
-                        )?;
-                        if edus.is_empty() {
+                        )?);
+                        if rows.edus.is_empty() {
                             st.inflight = None;
                             continue_fresh(store, dest, &mut st, *max_rows, max_bytes)?
                         } else {
-                            (inf, edus)
+                            Some((inf, rows))
                         }
                     }
                     None => continue_fresh(store, dest, &mut st, *max_rows, max_bytes)?,
                 };
-                if edus.is_empty() {
+                let Some((inflight, rows)) = found else {
                     if st.inflight.is_some() || st.failures > 0 {
                         st.inflight = None;
                         let mut b = Batch::new();
@@ -341,8 +341,8 @@ impl Sender {
                         store.commit_unsynced(b)?;
                     }
                     return Ok(Step::Idle);
-                }
-                prepare(&self.inner.client, name, inflight, edus)
+                };
+                prepare(&self.inner.client, name, inflight, rows)
             }
         };
         // While this transaction travels, the next one is read, built and signed on
@@ -514,54 +514,66 @@ fn continue_fresh(
     st: &mut DestState,
     max_rows: usize,
     max_bytes: usize,
-) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
-    let (inflight, edus) = next_transaction(store, dest, st, max_rows, max_bytes)?;
-    if !edus.is_empty() {
+) -> Result<Option<(Inflight, Coalesced)>, StoreError> {
+    let found = next_transaction(store, dest, st, max_rows, max_bytes)?;
+    if found.is_some() {
         let mut b = Batch::new();
         store.put_dest_state(&mut b, dest, st);
         store.commit_unsynced(b)?;
     }
-    Ok((inflight, edus))
+    Ok(found)
 }
 
 /// Forms a fresh transaction from the queue head (above `st.acked_seq`) and sets it
 /// as `st.inflight`, without writing anything: the caller records `st`. An empty
-/// queue leaves `st` alone and yields no EDUs.
+/// queue leaves `st` alone and yields `None`.
 fn next_transaction(
     store: &Store,
     dest: &str,
     st: &mut DestState,
     max_rows: usize,
     max_bytes: usize,
-) -> Result<(Inflight, Vec<QueuedEdu>), StoreError> {
-    let mut edus = store.outbox_head(dest, st.acked_seq, max_rows, max_bytes, None)?;
-    // Only whole coalesced runs, at most MAX_EDUS_PER_TXN of them: a retry rebuilds
-    // exactly this prefix into exactly these EDUs.
-    let (_, covered) = coalesce(&edus);
-    edus.truncate(covered);
-    let Some(last) = edus.last() else {
-        return Ok((
-            Inflight {
-                txn_id: String::new(),
-                last_seq: 0,
-                edu_count: 0,
-                origin_server_ts: 0,
-            },
-            edus,
-        ));
+) -> Result<Option<(Inflight, Coalesced)>, StoreError> {
+    let found = head_transaction(
+        store,
+        dest,
+        st.acked_seq,
+        st.txn_counter + 1,
+        max_rows,
+        max_bytes,
+    )?;
+    if let Some((inflight, _)) = &found {
+        st.txn_counter += 1;
+        st.inflight = Some(inflight.clone());
+    }
+    Ok(found)
+}
+
+/// The queue head above `after` as a transaction with txn counter `counter`, without
+/// writing anything. Only whole coalesced runs, at most [`MAX_EDUS_PER_TXN`] of them:
+/// a retry rebuilds exactly this prefix into exactly these EDUs.
+fn head_transaction(
+    store: &Store,
+    dest: &str,
+    after: u64,
+    counter: u64,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Option<(Inflight, Coalesced)>, StoreError> {
+    let rows = coalesced(store.outbox_head(dest, after, max_rows, max_bytes, None)?);
+    let Some(last) = rows.edus.last() else {
+        return Ok(None);
     };
-    st.txn_counter += 1;
     let now = now_ms();
     let inflight = Inflight {
         // Unique per destination across restarts: the counter is persisted with it,
         // and the time prefix covers a store that was wiped.
-        txn_id: format!("{now}{}", st.txn_counter),
+        txn_id: format!("{now}{counter}"),
         last_seq: last.seq,
-        edu_count: edus.len(),
+        edu_count: rows.edus.len(),
         origin_server_ts: now,
     };
-    st.inflight = Some(inflight.clone());
-    Ok((inflight, edus))
+    Ok(Some((inflight, rows)))
 }
 
 /// A transaction ready to send: its rows, its body and its signature.
@@ -576,16 +588,14 @@ struct Prepared {
     header: Result<String, String>,
 }
 
-/// Builds and signs the transaction `inflight` carrying `edus` (whole coalesced runs).
+/// Builds and signs the transaction `inflight` carrying `rows`.
 fn prepare(
     client: &FederationClient,
     name: &ServerName,
     inflight: Inflight,
-    edus: Vec<QueuedEdu>,
+    rows: Coalesced,
 ) -> Prepared {
-    let (runs, covered) = coalesce(&edus);
-    let mut edus = edus;
-    edus.truncate(covered);
+    let Coalesced { edus, runs } = rows;
     let edu_values: Vec<Value> = runs
         .into_iter()
         .map(|run| {
@@ -629,29 +639,24 @@ fn prepare_next(
     counter: u64,
     max_bytes: usize,
 ) -> Result<Option<Prepared>, StoreError> {
-    let mut edus = store.outbox_head(dest, after, MAX_ROWS_PER_TXN, max_bytes, None)?;
-    let (_, covered) = coalesce(&edus);
-    edus.truncate(covered);
-    let Some(last) = edus.last() else {
-        return Ok(None);
-    };
-    let now = now_ms();
-    let inflight = Inflight {
-        txn_id: format!("{now}{counter}"),
-        last_seq: last.seq,
-        edu_count: edus.len(),
-        origin_server_ts: now,
-    };
-    Ok(Some(prepare(client, name, inflight, edus)))
+    Ok(
+        head_transaction(store, dest, after, counter, MAX_ROWS_PER_TXN, max_bytes)?
+            .map(|(inflight, rows)| prepare(client, name, inflight, rows)),
+    )
 }
 
-/// The runs of `rows` that travel as one EDU each (at most [`MAX_EDUS_PER_TXN`]) and
-/// how many rows they cover.
-fn coalesce(rows: &[QueuedEdu]) -> (Vec<std::ops::Range<usize>>, usize) {
-    let peeks: Vec<Option<edu::Peek>> = rows.iter().map(|r| edu::peek(&r.edu)).collect();
+/// Queued EDUs cut to whole coalesced runs, and the runs (at most
+/// [`MAX_EDUS_PER_TXN`]), each of which travels as one EDU.
+struct Coalesced {
+    edus: Vec<QueuedEdu>,
+    runs: Vec<std::ops::Range<usize>>,
+}
+
+fn coalesced(mut edus: Vec<QueuedEdu>) -> Coalesced {
+    let peeks: Vec<Option<edu::Peek>> = edus.iter().map(|r| edu::peek(&r.edu)).collect();
     let runs = edu::group(&peeks, MAX_EDUS_PER_TXN);
-    let covered = runs.last().map_or(0, |r| r.end);
-    (runs, covered)
+    edus.truncate(runs.last().map_or(0, |r| r.end));
+    Coalesced { edus, runs }
 }
 
 enum Step {

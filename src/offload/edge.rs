@@ -16,14 +16,13 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::app::App;
-use crate::config::Custody;
 use crate::error::ApiError;
 use crate::federation::auth::authenticate_for;
-use crate::federation::routes::{json_body, transaction_body};
-use crate::offload::{carries_pdus, forward, hold};
+use crate::federation::routes::{json_body, same_origin, transaction_body};
+use crate::offload::{forward, hold, request_target, takes_custody};
 use crate::store::custody::Dir;
 
 pub fn router() -> Router<App> {
@@ -57,20 +56,9 @@ async fn send(
         Some(&content),
     )
     .await?;
-    if content.get("origin").and_then(Value::as_str) != Some(origin.as_str()) {
-        return Err(ApiError::forbidden(
-            "transaction origin does not match the signing server",
-        ));
-    }
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| uri.path().to_owned());
-    let custody = match app.config.offload.custody {
-        Custody::All => true,
-        Custody::Edus => carries_pdus(&body) == Some(false),
-    };
-    if !custody {
+    same_origin(&content, &origin)?;
+    let path = request_target(&uri);
+    if !takes_custody(app.config.offload.custody, &body) {
         return Ok(to_homeserver(&app, method, &path, &headers, reqwest::Body::from(body)).await);
     }
     hold(
@@ -89,11 +77,7 @@ async fn send(
 /// Any other request: federation and key requests go to the homeserver unchanged.
 async fn pass_through(State(app): State<App>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| parts.uri.path().to_owned());
+    let path = request_target(&parts.uri);
     if !(path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/")) {
         return ApiError::unrecognized().into_response();
     }

@@ -47,8 +47,24 @@ pub fn send_txn_id(path: &str) -> Option<String> {
     )
 }
 
+/// Is a `/send` with this body taken into custody under `[offload] custody`? With
+/// `edus`, only a readable body without PDUs is; anything else is passed through.
+pub fn takes_custody(custody: crate::config::Custody, body: &[u8]) -> bool {
+    match custody {
+        crate::config::Custody::All => true,
+        crate::config::Custody::Edus => carries_pdus(body) == Some(false),
+    }
+}
+
+/// The request target as received: path and query (`/` if there is none).
+pub fn request_target(uri: &axum::http::Uri) -> String {
+    uri.path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| uri.path().to_owned())
+}
+
 /// Does a `/send` body carry PDUs? (`None`: not a JSON object we can read.)
-pub fn carries_pdus(body: &[u8]) -> Option<bool> {
+fn carries_pdus(body: &[u8]) -> Option<bool> {
     #[derive(serde::Deserialize)]
     struct Shape {
         #[serde(default)]

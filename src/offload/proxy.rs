@@ -17,10 +17,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::app::App;
-use crate::config::Custody;
 use crate::error::ApiError;
 use crate::ids::ServerName;
-use crate::offload::{carries_pdus, forward, hold, send_txn_id};
+use crate::offload::{forward, hold, request_target, send_txn_id, takes_custody};
 use crate::store::custody::Dir;
 
 /// The URI scheme Synapse uses for requests to its federation proxy.
@@ -79,10 +78,7 @@ async fn route(app: App, req: Request) -> Result<Response, ApiError> {
         .authority()
         .and_then(|a| ServerName::parse(a.as_str()).ok())
         .ok_or_else(|| ApiError::invalid_param("the request names no valid destination"))?;
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+    let path = request_target(uri);
     let txn_id = (parts.method == Method::PUT)
         .then(|| send_txn_id(uri.path()))
         .flatten();
@@ -94,11 +90,7 @@ async fn route(app: App, req: Request) -> Result<Response, ApiError> {
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::too_large(format!("transaction over {limit} bytes")))?;
-    let custody = match app.config.offload.custody {
-        Custody::All => true,
-        Custody::Edus => carries_pdus(&bytes) == Some(false),
-    };
-    if !custody {
+    if !takes_custody(app.config.offload.custody, &bytes) {
         return Ok(pass_through(
             &app,
             &dest,
