@@ -86,21 +86,27 @@ pub async fn sync(
             "`since` names a position this server never handed out",
         ));
     }
-    let mut b = Batch::new();
-    store.inbox_ack(&mut b, user, dev, after)?;
-    // Unsynced: losing an acknowledgement to a power cut only re-delivers a page.
-    store.commit_unsynced(b)?;
-
     // Serve only rows the writer has published (`last_seq`): a row is readable a
     // moment before its number is, and a token we hand out must never be one we would
     // refuse as "never handed out".
-    let read_page = || -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
-        let visible = store.last_seq();
-        let mut page = store.inbox_page(user, dev, after, PAGE)?;
-        page.retain(|(seq, _)| *seq <= visible);
-        Ok(page)
+    let visible = |published: u64, mut page: Vec<(u64, Vec<u8>)>| {
+        page.retain(|(seq, _)| *seq <= published);
+        page
     };
-    let mut page = read_page()?;
+    // One pass: the acknowledgement (in `b`) and the page after it.
+    let published = store.last_seq();
+    let mut b = Batch::new();
+    let (page, state) = store.inbox_sync(&mut b, user, dev, after, PAGE)?;
+    // Unsynced: losing an acknowledgement to a power cut only re-delivers a page.
+    store.commit_unsynced(b)?;
+    let mut page = visible(published, page);
+    let read_page = || -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
+        let published = store.last_seq();
+        Ok(visible(
+            published,
+            store.inbox_page(user, dev, after, PAGE)?,
+        ))
+    };
     if page.is_empty() && !timeout.is_zero() {
         let deadline = Instant::now() + timeout;
         let notify = app.notifier.device(user, dev);
@@ -122,7 +128,7 @@ pub async fn sync(
 
     let next = match page.last() {
         Some((seq, _)) => *seq,
-        None => after.max(store.inbox_state(user, dev)?.acked),
+        None => after.max(state.acked),
     };
     let events: Vec<&RawValue> = page
         .iter()

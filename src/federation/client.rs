@@ -114,6 +114,7 @@ impl FederationClient {
         body: Option<&Value>,
     ) -> Result<Reply, RequestError> {
         let header = self.sign(destination, &method, path, body)?;
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("a Value serializes")));
         self.request_signed(destination, method, path, body, header)
             .await
     }
@@ -138,13 +139,33 @@ impl FederationClient {
         .map_err(|e| RequestError::Sign(e.to_string()))
     }
 
-    /// Sends a request signed beforehand with [`Self::sign`].
+    /// The `Authorization: X-Matrix` header for a request whose JSON body is
+    /// `content` in canonical form, sent as it is (see [`Self::request_signed`]).
+    pub fn sign_canonical(
+        &self,
+        destination: &ServerName,
+        method: &reqwest::Method,
+        path: &str,
+        content: Option<&str>,
+    ) -> String {
+        signing::xmatrix::sign_request_canonical(
+            method.as_str(),
+            path,
+            self.origin.as_str(),
+            destination.as_str(),
+            content,
+            &self.key,
+        )
+    }
+
+    /// Sends a request signed beforehand ([`Self::sign`], [`Self::sign_canonical`]);
+    /// `body` is the serialized JSON the signature covers.
     pub async fn request_signed(
         &self,
         destination: &ServerName,
         method: reqwest::Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<Bytes>,
         header: String,
     ) -> Result<Reply, RequestError> {
         self.send(destination, method, path, body, Some(header))
@@ -190,7 +211,7 @@ impl FederationClient {
         destination: &ServerName,
         method: reqwest::Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<Bytes>,
         auth: Option<String>,
     ) -> Result<Reply, RequestError> {
         let ep = self.discovery.resolve(destination).await?;
@@ -205,7 +226,7 @@ impl FederationClient {
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(serde_json::to_vec(b).expect("a Value serializes"));
+                .body(b);
         }
         let mut resp = req.send().await.map_err(RequestError::from_reqwest)?;
         let status = resp.status();

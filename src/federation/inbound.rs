@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::federation::edu::{self, DIRECT_TO_DEVICE};
 use crate::store::dedupe::Marker;
@@ -52,6 +52,16 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// A to-device event as a device's `/sync` serves it, serialized without copying
+/// the content (fields in the order a sorted map would write them).
+#[derive(serde::Serialize)]
+struct StoredEvent<'a> {
+    content: &'a Value,
+    sender: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+}
+
 /// What processing a transaction produced, for logs and wake-ups.
 #[derive(Debug, Default)]
 pub struct Accepted {
@@ -80,6 +90,9 @@ pub async fn accept(
     let mut entries: Vec<(String, String, Vec<u8>)> = Vec::new();
     let mut message_ids: Vec<&str> = Vec::new();
     let mut devices_cache: HashMap<String, Vec<String>> = HashMap::new();
+    // A transaction addresses the same devices again and again (one message each):
+    // one store lookup per device, not per message.
+    let mut exists_cache: HashMap<(&str, &str), bool> = HashMap::new();
     for raw in edus {
         match edu::edu_type(raw) {
             Some(DIRECT_TO_DEVICE) => {}
@@ -125,11 +138,11 @@ pub async fn accept(
                 continue;
             };
             for (device, content) in devices {
-                let event = serde_json::to_vec(&json!({
-                    "sender": td.sender,
-                    "type": td.event_type,
-                    "content": content,
-                }))
+                let event = serde_json::to_vec(&StoredEvent {
+                    content,
+                    sender: td.sender,
+                    event_type: td.event_type,
+                })
                 .expect("a Value serializes");
                 if device == "*" {
                     let all = match devices_cache.get(user) {
@@ -143,8 +156,18 @@ pub async fn accept(
                     for d in all {
                         entries.push((user.clone(), d, event.clone()));
                     }
-                } else if store.device_exists(user, device)? {
-                    entries.push((user.clone(), device.clone(), event));
+                } else {
+                    let exists = match exists_cache.get(&(user.as_str(), device.as_str())) {
+                        Some(e) => *e,
+                        None => {
+                            let e = store.device_exists(user, device)?;
+                            exists_cache.insert((user, device), e);
+                            e
+                        }
+                    };
+                    if exists {
+                        entries.push((user.clone(), device.clone(), event));
+                    }
                 }
             }
         }
@@ -180,6 +203,7 @@ pub async fn accept(
 mod tests {
     use super::*;
     use crate::store::temp_store;
+    use serde_json::json;
 
     fn to_device(sender: &str, mid: &str, messages: Value) -> Value {
         json!({"edu_type": DIRECT_TO_DEVICE, "content": {"sender": sender, "type": "m.t", "message_id": mid, "messages": messages}})

@@ -29,6 +29,7 @@ use crate::federation::client::{FederationClient, RequestError};
 use crate::federation::edu;
 use crate::federation::retry::{Outcome, Policy, classify};
 use crate::ids::ServerName;
+use crate::signing::canonical::{self, NumberMode};
 use crate::store::outbox::{DestState, Inflight, QueuedEdu};
 use crate::store::{Batch, Store, StoreError, now_ms};
 
@@ -379,14 +380,13 @@ impl Sender {
             edus,
             wire_edus,
             path,
-            body,
-            header,
+            signed,
         } = prepared;
-        let reply = match header {
-            Ok(h) => {
+        let reply = match signed {
+            Ok((body, h)) => {
                 self.inner
                     .client
-                    .request_signed(name, reqwest::Method::PUT, &path, Some(&body), h)
+                    .request_signed(name, reqwest::Method::PUT, &path, Some(body), h)
                     .await
             }
             Err(e) => Err(RequestError::Sign(e)),
@@ -584,8 +584,9 @@ struct Prepared {
     /// EDUs on the wire, after coalescing.
     wire_edus: usize,
     path: String,
-    body: Value,
-    header: Result<String, String>,
+    /// The body (canonical JSON, the very bytes the signature covers) and the
+    /// `Authorization` header; or why it cannot be encoded.
+    signed: Result<(bytes::Bytes, String), String>,
 }
 
 /// Builds and signs the transaction `inflight` carrying `rows`.
@@ -614,16 +615,19 @@ fn prepare(
         "/_matrix/federation/v1/send/{}",
         percent_encoding::utf8_percent_encode(&inflight.txn_id, percent_encoding::NON_ALPHANUMERIC)
     );
-    let header = client
-        .sign(name, &reqwest::Method::PUT, &path, Some(&body))
+    // Encoded once: the canonical form is both what is signed and what is sent.
+    let signed = canonical::encode(&body, NumberMode::Python)
+        .map(|content| {
+            let header = client.sign_canonical(name, &reqwest::Method::PUT, &path, Some(&content));
+            (bytes::Bytes::from(content), header)
+        })
         .map_err(|e| e.to_string());
     Prepared {
         inflight,
         edus,
         wire_edus,
         path,
-        body,
-        header,
+        signed,
     }
 }
 

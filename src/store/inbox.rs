@@ -95,34 +95,60 @@ impl Store {
         device: &str,
         upto: u64,
     ) -> Result<(), StoreError> {
+        self.inbox_sync(b, user, device, upto, 0).map(|_| ())
+    }
+
+    /// A sync's work in one pass over a device's pending rows: acknowledges
+    /// everything up to and including `upto` (in `b`) and returns up to `limit`
+    /// messages after it, oldest first, with the device's state as `b` records it.
+    ///
+    /// The acknowledged rows get point deletes, not a range tombstone: RocksDB
+    /// re-fragments every range tombstone in the memtable on each read, and one per
+    /// sync made reads quadratic (measured: most of a busy receiver's CPU). Rows at
+    /// or below the low-water mark `acked` are gone already and never scanned: the
+    /// pass starts above it, so it walks the page being acknowledged (the keys its
+    /// deletes need) and then the next page, from one seek.
+    pub fn inbox_sync(
+        &self,
+        b: &mut Batch,
+        user: &str,
+        device: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, InboxState), StoreError> {
         let mut state = self.inbox_state(user, device)?;
-        if upto > state.acked {
-            // Point deletes of the rows in (acked, upto] (what the acknowledged response
-            // carried), not a range tombstone: RocksDB re-fragments every range
-            // tombstone in the memtable on each read, and one per sync made reads
-            // quadratic (measured: most of a busy receiver's CPU). Rows at or below
-            // `acked` are gone already and never scanned: reads start above it.
-            let mut opts = rocksdb::ReadOptions::default();
-            opts.set_iterate_upper_bound(entry_key(user, device, upto.saturating_add(1)));
-            let start = entry_key(user, device, state.acked.saturating_add(1));
-            let iter = self.db().iterator_cf_opt(
-                self.cf(cf::INBOX),
-                opts,
-                rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-            );
-            for item in iter {
-                let (k, _) = item?;
+        let prefix = device_prefix(user, device);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(prefix_end(&prefix));
+        let start = entry_key(user, device, state.acked.saturating_add(1));
+        let iter = self.db().iterator_cf_opt(
+            self.cf(cf::INBOX),
+            opts,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut page = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
+                cf: cf::INBOX,
+                detail: "short key".into(),
+            })?;
+            if seq <= upto {
                 b.0.delete_cf(self.cf(cf::INBOX), k);
+            } else if page.len() < limit {
+                page.push((seq, v.into_vec()));
+            } else {
+                break;
             }
-            state.acked = upto;
         }
+        state.acked = state.acked.max(upto);
         state.last_sync_ts = Some(now_ms());
         b.0.put_cf(
             self.cf(cf::INBOX_STATE),
             key(&[user.as_bytes(), device.as_bytes()]),
             serde_json::to_vec(&state).expect("serializes"),
         );
-        Ok(())
+        Ok((page, state))
     }
 
     pub fn inbox_state(&self, user: &str, device: &str) -> Result<InboxState, StoreError> {
@@ -237,6 +263,51 @@ mod tests {
         s.commit(b).await.unwrap();
         assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 0);
         assert_eq!(s.inbox_len("@a:x", "D2").unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn sync_acknowledges_and_pages_in_one_pass() {
+        let (_d, s) = temp_store();
+        let mut b = Batch::new();
+        for i in 1..=7u64 {
+            s.inbox_push(&mut b, "@a:x", "D", i * 10, format!("m{i}").as_bytes());
+        }
+        s.inbox_push(&mut b, "@a:x", "D2", 25, b"other device");
+        s.commit(b).await.unwrap();
+        let seqs = |page: &[(u64, Vec<u8>)]| page.iter().map(|p| p.0).collect::<Vec<_>>();
+
+        // First sync: nothing to acknowledge, a page of 3.
+        let mut b = Batch::new();
+        let (page, st) = s.inbox_sync(&mut b, "@a:x", "D", 0, 3).unwrap();
+        s.commit(b).await.unwrap();
+        assert_eq!(seqs(&page), vec![10, 20, 30]);
+        assert_eq!(st.acked, 0);
+        assert!(st.last_sync_ts.is_some(), "a sync is recorded");
+
+        // Next: acknowledges that page (deleted), serves the next one.
+        let mut b = Batch::new();
+        let (page, st) = s.inbox_sync(&mut b, "@a:x", "D", 30, 3).unwrap();
+        s.commit(b).await.unwrap();
+        assert_eq!(seqs(&page), vec![40, 50, 60]);
+        assert_eq!(st.acked, 30);
+        assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 4, "10, 20, 30 deleted");
+        assert_eq!(s.inbox_state("@a:x", "D").unwrap(), st, "state as recorded");
+
+        // An older token gets nothing already acknowledged back.
+        let mut b = Batch::new();
+        let (page, _) = s.inbox_sync(&mut b, "@a:x", "D", 0, 100).unwrap();
+        assert_eq!(seqs(&page), vec![40, 50, 60, 70]);
+        // Acknowledging in the middle of a page: only up to the token.
+        let mut b = Batch::new();
+        let (page, st) = s.inbox_sync(&mut b, "@a:x", "D", 50, 100).unwrap();
+        s.commit(b).await.unwrap();
+        assert_eq!((seqs(&page), st.acked), (vec![60, 70], 50));
+        assert_eq!(s.inbox_len("@a:x", "D").unwrap(), 2);
+        assert_eq!(
+            s.inbox_len("@a:x", "D2").unwrap(),
+            1,
+            "other devices untouched"
+        );
     }
 
     #[tokio::test]
