@@ -284,12 +284,15 @@ fn check(
     let txn: Value = serde_json::from_slice(body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("body: {e}")))?;
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    xmatrix::verify_request(
+    xmatrix::verify_request_body(
         &x,
         "PUT",
         path,
         &ep.name,
-        Some(&txn),
+        Some(xmatrix::Body {
+            raw: body,
+            parsed: &txn,
+        }),
         &c.key,
         NumberMode::Python,
     )

@@ -8,7 +8,6 @@
 //! It never reads a body beyond what it is given, and never stores anything itself.
 
 use axum::http::{HeaderMap, Method, Uri};
-use serde_json::Value;
 
 use crate::app::App;
 use crate::error::ApiError;
@@ -21,7 +20,7 @@ pub async fn authenticate(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    content: Option<&Value>,
+    content: Option<xmatrix::Body<'_>>,
 ) -> Result<ServerName, ApiError> {
     let ours = app.config.server_name.as_str();
     authenticate_for(app, ours, method, uri, headers, content).await
@@ -35,7 +34,7 @@ pub async fn authenticate_for(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    content: Option<&Value>,
+    content: Option<xmatrix::Body<'_>>,
 ) -> Result<ServerName, ApiError> {
     let path = uri
         .path_and_query()
@@ -82,7 +81,7 @@ pub async fn authenticate_for(
                 continue;
             }
         };
-        match xmatrix::verify_request(
+        match xmatrix::verify_request_body(
             &x,
             method.as_str(),
             path,

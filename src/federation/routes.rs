@@ -53,6 +53,11 @@ pub(crate) fn json_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))
 }
 
+/// A request body as received, for [`authenticate`].
+pub(crate) fn received<'a>(raw: &'a Bytes, parsed: &'a Value) -> crate::signing::xmatrix::Body<'a> {
+    crate::signing::xmatrix::Body { raw, parsed }
+}
+
 /// A transaction's `origin` must be the server that signed the request (403 otherwise).
 pub(crate) fn same_origin(
     content: &Value,
@@ -90,7 +95,14 @@ async fn send(
 ) -> Result<Json<Value>, ApiError> {
     let body = transaction_body(body)?;
     let content = json_body(&body)?;
-    let origin = authenticate(&app, &method, &uri, &headers, Some(&content)).await?;
+    let origin = authenticate(
+        &app,
+        &method,
+        &uri,
+        &headers,
+        Some(received(&body, &content)),
+    )
+    .await?;
     let obj = content
         .as_object()
         .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
@@ -204,7 +216,14 @@ async fn keys_query(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let content = json_body(&body)?;
-    authenticate(&app, &method, &uri, &headers, Some(&content)).await?;
+    authenticate(
+        &app,
+        &method,
+        &uri,
+        &headers,
+        Some(received(&body, &content)),
+    )
+    .await?;
     let wanted = content
         .get("device_keys")
         .and_then(Value::as_object)

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::error::ApiError;
 use crate::federation::auth::authenticate_for;
-use crate::federation::routes::{json_body, same_origin, transaction_body};
+use crate::federation::routes::{json_body, received, same_origin, transaction_body};
 use crate::offload::{forward, hold, request_target, takes_custody};
 use crate::store::custody::Dir;
 
@@ -53,7 +53,7 @@ async fn send(
         &method,
         &uri,
         &headers,
-        Some(&content),
+        Some(received(&body, &content)),
     )
     .await?;
     same_origin(&content, &origin)?;

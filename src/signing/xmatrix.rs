@@ -442,6 +442,48 @@ pub fn verify_request(
     key: &VerifyingKey,
     mode: NumberMode,
 ) -> Result<(), XMatrixError> {
+    let sig = check_header(x, our_name)?;
+    let message = request_canonical(method, uri, &x.origin, our_name, content, mode)?;
+    key.verify_strict(message.as_bytes(), &sig)
+        .map_err(|_| XMatrixError::BadSignature)
+}
+
+/// A request body as received: its bytes and their parse.
+#[derive(Debug, Clone, Copy)]
+pub struct Body<'a> {
+    pub raw: &'a [u8],
+    pub parsed: &'a Value,
+}
+
+/// As [`verify_request`], for a body as received: first against the body's own
+/// bytes, then (if that fails) against the canonical encoding of its parse.
+///
+/// A sender that sends the canonical form it signed (courier does) verifies the
+/// first way, without the body being encoded again. This is sound: the message
+/// checked is `{"content":` + the raw bytes + a suffix built here from the
+/// request, which equals the message the origin signed only if the origin signed
+/// exactly the bytes that were parsed.
+pub fn verify_request_body(
+    x: &XMatrix,
+    method: &str,
+    uri: &str,
+    our_name: &str,
+    body: Option<Body<'_>>,
+    key: &VerifyingKey,
+    mode: NumberMode,
+) -> Result<(), XMatrixError> {
+    let sig = check_header(x, our_name)?;
+    if let Some(raw) = body.and_then(|b| std::str::from_utf8(b.raw).ok()) {
+        let message = request_message(method, uri, &x.origin, our_name, Some(raw));
+        if key.verify_strict(message.as_bytes(), &sig).is_ok() {
+            return Ok(());
+        }
+    }
+    verify_request(x, method, uri, our_name, body.map(|b| b.parsed), key, mode)
+}
+
+/// The header checks that need no cryptography; the signature's bytes.
+fn check_header(x: &XMatrix, our_name: &str) -> Result<Signature, XMatrixError> {
     if let Some(destination) = &x.destination
         && destination != our_name
     {
@@ -459,9 +501,7 @@ pub fn verify_request(
     }
     let sig = decode_base64(&x.sig).map_err(|_| XMatrixError::BadBase64)?;
     let sig: [u8; 64] = sig.try_into().map_err(|_| XMatrixError::BadSignature)?;
-    let message = request_canonical(method, uri, &x.origin, our_name, content, mode)?;
-    key.verify_strict(message.as_bytes(), &Signature::from_bytes(&sig))
-        .map_err(|_| XMatrixError::BadSignature)
+    Ok(Signature::from_bytes(&sig))
 }
 
 #[cfg(test)]
@@ -760,6 +800,70 @@ mod tests {
             )
             .unwrap();
         }
+    }
+
+    #[test]
+    fn received_bodies_verify_by_their_bytes_or_by_their_parse() {
+        let key = crate::signing::tests::spec_key();
+        let vk = key.verifying_key();
+        let content = json!({"b": [1, 2.5, "\u{e9}"], "a": {"z": null, "y": true}});
+        let header = sign_request(
+            "PUT",
+            "/s/1",
+            "o.example",
+            "us.example",
+            Some(&content),
+            &key,
+            NumberMode::Python,
+        )
+        .unwrap();
+        let x = parse(&header).unwrap();
+        let check = |raw: &str| {
+            let parsed: Value = serde_json::from_str(raw).unwrap();
+            let body = Body {
+                raw: raw.as_bytes(),
+                parsed: &parsed,
+            };
+            verify_request_body(
+                &x,
+                "PUT",
+                "/s/1",
+                "us.example",
+                Some(body),
+                &vk,
+                NumberMode::Python,
+            )
+        };
+        // The canonical bytes (what courier sends), checked as they are.
+        let canonical = encode(&content, NumberMode::Python).unwrap();
+        assert_eq!(check(&canonical), Ok(()));
+        // Another spelling of the same JSON: checked through its canonical form.
+        let spaced = serde_json::to_string_pretty(&content).unwrap();
+        assert_ne!(spaced, canonical);
+        assert_eq!(check(&spaced), Ok(()));
+        // Other content fails both ways.
+        assert_eq!(
+            check(r#"{"a":{"y":true,"z":null},"b":[1,2.5,"e"]}"#),
+            Err(XMatrixError::BadSignature)
+        );
+        // So does the right content for another request target.
+        let parsed: Value = serde_json::from_str(&canonical).unwrap();
+        let body = Body {
+            raw: canonical.as_bytes(),
+            parsed: &parsed,
+        };
+        assert_eq!(
+            verify_request_body(
+                &x,
+                "PUT",
+                "/s/2",
+                "us.example",
+                Some(body),
+                &vk,
+                NumberMode::Python
+            ),
+            Err(XMatrixError::BadSignature)
+        );
     }
 
     #[test]
