@@ -550,7 +550,7 @@ fn next_transaction(
 }
 
 /// The queue head above `after` as a transaction with txn counter `counter`, without
-/// writing anything. Only whole coalesced runs, at most [`MAX_EDUS_PER_TXN`] of them:
+/// writing anything. Only whole coalesced groups, at most [`MAX_EDUS_PER_TXN`] of them:
 /// a retry rebuilds exactly this prefix into exactly these EDUs.
 fn head_transaction(
     store: &Store,
@@ -596,11 +596,11 @@ fn prepare(
     inflight: Inflight,
     rows: Coalesced,
 ) -> Prepared {
-    let Coalesced { edus, runs } = rows;
-    let edu_values: Vec<Value> = runs
+    let Coalesced { edus, groups } = rows;
+    let edu_values: Vec<Value> = groups
         .into_iter()
-        .map(|run| {
-            let raw: Vec<&[u8]> = edus[run].iter().map(|e| e.edu.as_slice()).collect();
+        .map(|group| {
+            let raw: Vec<&[u8]> = group.iter().map(|&i| edus[i].edu.as_slice()).collect();
             edu::merge(&raw)
         })
         .collect();
@@ -649,18 +649,21 @@ fn prepare_next(
     )
 }
 
-/// Queued EDUs cut to whole coalesced runs, and the runs (at most
-/// [`MAX_EDUS_PER_TXN`]), each of which travels as one EDU.
+/// Queued EDUs cut to whole coalesced groups, and the groups (at most
+/// [`MAX_EDUS_PER_TXN`]; row indices), each of which travels as one EDU.
 struct Coalesced {
     edus: Vec<QueuedEdu>,
-    runs: Vec<std::ops::Range<usize>>,
+    groups: Vec<Vec<usize>>,
 }
 
 fn coalesced(mut edus: Vec<QueuedEdu>) -> Coalesced {
     let peeks: Vec<Option<edu::Peek>> = edus.iter().map(|r| edu::peek(&r.edu)).collect();
-    let runs = edu::group(&peeks, MAX_EDUS_PER_TXN);
-    edus.truncate(runs.last().map_or(0, |r| r.end));
-    Coalesced { edus, runs }
+    let grouping = edu::group(&peeks, MAX_EDUS_PER_TXN);
+    edus.truncate(grouping.rows);
+    Coalesced {
+        edus,
+        groups: grouping.groups,
+    }
 }
 
 enum Step {
