@@ -238,8 +238,9 @@ impl Sender {
     /// Delivers `dest`'s queue until it is empty or the destination fails.
     async fn deliver_loop(self, dest: String, again: Arc<AtomicBool>) {
         let mut max_rows = MAX_ROWS_PER_TXN;
-        // The next transaction, built and signed while the previous one was in flight.
-        let mut next: Option<Prepared> = None;
+        // The next transaction, built and signed while the previous one was in flight,
+        // with the state write that records it (see `Next`).
+        let mut next: Option<Next> = None;
         loop {
             let step = match ServerName::parse(&dest) {
                 Ok(name) => self.step(&dest, &name, &mut max_rows, &mut next).await,
@@ -278,12 +279,18 @@ impl Sender {
         dest: &str,
         name: &ServerName,
         max_rows: &mut usize,
-        next: &mut Option<Prepared>,
+        next: &mut Option<Next>,
     ) -> Result<Step, StepError> {
         let store = &self.inner.store;
-        let mut st = store.dest_state(dest)?;
+        let (mut st, mut pending, mut ready) = match next.take() {
+            Some(n) => (n.state, Some(n.write), Some(n.prepared)),
+            None => (store.dest_state(dest)?, None, None),
+        };
         let now = now_ms();
         if st.next_attempt_ts > now {
+            if let Some(b) = pending.take() {
+                store.commit_unsynced(b)?;
+            }
             self.inner
                 .backing_off
                 .lock()
@@ -301,7 +308,10 @@ impl Sender {
             Ok(p) => p,
             Err(_) => {
                 // Waiting: hold no prepared body meanwhile (see above).
-                *next = None;
+                ready = None;
+                if let Some(b) = pending.take() {
+                    store.commit_unsynced(b)?;
+                }
                 self.inner
                     .permits
                     .acquire()
@@ -310,7 +320,7 @@ impl Sender {
             }
         };
         let max_bytes = self.inner.config.max_transaction_bytes;
-        let prepared = match next.take() {
+        let prepared = match ready.take() {
             // Prepared during the previous transaction and recorded as in flight with
             // its acknowledgement: the same txnId, the same EDUs, already signed.
             Some(p) if st.inflight.as_ref().map(|i| &i.txn_id) == Some(&p.inflight.txn_id) => p,
@@ -382,15 +392,30 @@ impl Sender {
             path,
             signed,
         } = prepared;
-        let reply = match signed {
-            Ok((body, h)) => {
-                self.inner
-                    .client
-                    .request_signed(name, reqwest::Method::PUT, &path, Some(body), h)
-                    .await
+        let request = async {
+            match signed {
+                Ok((body, h)) => {
+                    self.inner
+                        .client
+                        .request_signed(name, reqwest::Method::PUT, &path, Some(body), h)
+                        .await
+                }
+                Err(e) => Err(RequestError::Sign(e)),
             }
-            Err(e) => Err(RequestError::Sign(e)),
         };
+        // The previous transaction's acknowledgement is written while this one
+        // travels: `join!` polls the request first, so it is on its way before the
+        // write starts. A crash in between leaves the previous transaction recorded as
+        // in flight: it is sent again (the destination answers from its txnId record)
+        // and this one is rebuilt under a fresh txnId with the same EDUs and
+        // `message_id`s, which the destination has seen (the spec's dedupe key).
+        let (reply, written) = tokio::join!(request, async {
+            match pending.take() {
+                Some(b) => store.commit_unsynced(b),
+                None => Ok(()),
+            }
+        });
+        written?;
         // A failed look-ahead only costs the overlap: the next step builds it anew.
         let prepared_next = match lookahead {
             Some(job) => match job.await {
@@ -427,20 +452,26 @@ impl Sender {
                 st.last_error = None;
                 // The next transaction's in-flight record rides in the same write as
                 // this acknowledgement: every write here may wait behind the intake's
-                // fsync, and it is on the path of every transaction.
+                // fsync, and it is on the path of every transaction. With the next
+                // transaction prepared, that write goes out with it (see above).
                 match prepared_next {
                     Some(p) => {
                         st.txn_counter += 1;
                         st.inflight = Some(p.inflight.clone());
-                        *next = Some(p);
+                        store.put_dest_state(&mut b, dest, &st);
+                        *next = Some(Next {
+                            prepared: p,
+                            state: st,
+                            write: b,
+                        });
                     }
                     None => {
                         let _ =
                             next_transaction(store, dest, &mut st, MAX_ROWS_PER_TXN, max_bytes)?;
+                        store.put_dest_state(&mut b, dest, &st);
+                        store.commit_unsynced(b)?;
                     }
                 }
-                store.put_dest_state(&mut b, dest, &st);
-                store.commit_unsynced(b)?;
                 self.inner
                     .backing_off
                     .lock()
@@ -574,6 +605,16 @@ fn head_transaction(
         origin_server_ts: now,
     };
     Ok(Some((inflight, rows)))
+}
+
+/// The transaction to send next, prepared while the previous one travelled, with
+/// the destination's state after the previous one's 200 and the write that records
+/// that state (the acknowledgement, and this transaction as in flight): the write
+/// is made while this transaction travels.
+struct Next {
+    prepared: Prepared,
+    state: DestState,
+    write: Batch,
 }
 
 /// A transaction ready to send: its rows, its body and its signature.
