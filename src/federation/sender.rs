@@ -407,8 +407,12 @@ impl Sender {
         // travels: `join!` polls the request first, so it is on its way before the
         // write starts. A crash in between leaves the previous transaction recorded as
         // in flight: it is sent again (the destination answers from its txnId record)
-        // and this one is rebuilt under a fresh txnId with the same EDUs and
-        // `message_id`s, which the destination has seen (the spec's dedupe key).
+        // and this one is rebuilt under a fresh txnId with the same EDUs grouped the
+        // same way, so the same `message_id`s, which the destination has seen (the
+        // spec's dedupe key). Same grouping because a transaction is prepared ahead
+        // only with more than a further transaction queued behind it: its cut was
+        // made by the limits, over rows that are all still there, never by the end
+        // of the queue (where a later arrival could join one of its EDUs).
         let (reply, written) = tokio::join!(request, async {
             match pending.take() {
                 Some(b) => store.commit_unsynced(b),
