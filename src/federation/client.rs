@@ -139,26 +139,32 @@ impl FederationClient {
         .map_err(|e| RequestError::Sign(e.to_string()))
     }
 
-    /// The `Authorization: X-Matrix` header for a request whose JSON body is
-    /// `content` in canonical form, sent as it is (see [`Self::request_signed`]).
-    pub fn sign_canonical(
+    /// The body (canonical JSON) and `Authorization: X-Matrix` header of a request
+    /// carrying `content`, encoded once for both (see
+    /// [`signing::xmatrix::sign_request_with_body`]); send them with
+    /// [`Self::request_signed`].
+    pub fn sign_with_body(
         &self,
         destination: &ServerName,
         method: &reqwest::Method,
         path: &str,
-        content: Option<&str>,
-    ) -> String {
-        signing::xmatrix::sign_request_canonical(
+        content: &Value,
+        size_hint: usize,
+    ) -> Result<(Bytes, String), RequestError> {
+        signing::xmatrix::sign_request_with_body(
             method.as_str(),
             path,
             self.origin.as_str(),
             destination.as_str(),
             content,
             &self.key,
+            signing::canonical::NumberMode::Python,
+            size_hint,
         )
+        .map_err(|e| RequestError::Sign(e.to_string()))
     }
 
-    /// Sends a request signed beforehand ([`Self::sign`], [`Self::sign_canonical`]);
+    /// Sends a request signed beforehand ([`Self::sign`], [`Self::sign_with_body`]);
     /// `body` is the serialized JSON the signature covers.
     pub async fn request_signed(
         &self,

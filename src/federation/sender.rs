@@ -29,7 +29,6 @@ use crate::federation::client::{FederationClient, RequestError};
 use crate::federation::edu;
 use crate::federation::retry::{Outcome, Policy, classify};
 use crate::ids::ServerName;
-use crate::signing::canonical::{self, NumberMode};
 use crate::store::outbox::{DestState, Inflight, QueuedEdu};
 use crate::store::{Batch, Store, StoreError, now_ms};
 
@@ -661,11 +660,9 @@ fn prepare(
         percent_encoding::utf8_percent_encode(&inflight.txn_id, percent_encoding::NON_ALPHANUMERIC)
     );
     // Encoded once: the canonical form is both what is signed and what is sent.
-    let signed = canonical::encode(&body, NumberMode::Python)
-        .map(|content| {
-            let header = client.sign_canonical(name, &reqwest::Method::PUT, &path, Some(&content));
-            (bytes::Bytes::from(content), header)
-        })
+    let size_hint = edus.iter().map(|e| e.edu.len()).sum::<usize>();
+    let signed = client
+        .sign_with_body(name, &reqwest::Method::PUT, &path, &body, size_hint)
         .map_err(|e| e.to_string());
     Prepared {
         inflight,
