@@ -139,32 +139,31 @@ impl FederationClient {
         .map_err(|e| RequestError::Sign(e.to_string()))
     }
 
-    /// The body (canonical JSON) and `Authorization: X-Matrix` header of a request
-    /// carrying `content`, encoded once for both (see
-    /// [`signing::xmatrix::sign_request_with_body`]); send them with
+    /// The body and `Authorization: X-Matrix` header of a request whose body
+    /// `write` appends as canonical JSON, written once for both (see
+    /// [`signing::xmatrix::sign_request_writing`]); send them with
     /// [`Self::request_signed`].
-    pub fn sign_with_body(
+    pub fn sign_writing(
         &self,
         destination: &ServerName,
         method: &reqwest::Method,
         path: &str,
-        content: &Value,
         size_hint: usize,
+        write: impl FnOnce(&mut String) -> Result<(), signing::canonical::CanonicalError>,
     ) -> Result<(Bytes, String), RequestError> {
-        signing::xmatrix::sign_request_with_body(
+        signing::xmatrix::sign_request_writing(
             method.as_str(),
             path,
             self.origin.as_str(),
             destination.as_str(),
-            content,
             &self.key,
-            signing::canonical::NumberMode::Python,
             size_hint,
+            write,
         )
         .map_err(|e| RequestError::Sign(e.to_string()))
     }
 
-    /// Sends a request signed beforehand ([`Self::sign`], [`Self::sign_with_body`]);
+    /// Sends a request signed beforehand ([`Self::sign`], [`Self::sign_writing`]);
     /// `body` is the serialized JSON the signature covers.
     pub async fn request_signed(
         &self,

@@ -99,40 +99,23 @@ pub struct Peek {
 /// Reads the coalescing key of a serialized EDU; `None` for anything that is not a
 /// well-formed `m.direct_to_device` EDU (it then travels alone, unchanged).
 pub fn peek(raw: &[u8]) -> Option<Peek> {
-    #[derive(serde::Deserialize)]
-    struct Edu<'a> {
-        #[serde(borrow)]
-        edu_type: std::borrow::Cow<'a, str>,
-        #[serde(borrow)]
-        content: Content<'a>,
+    crate::federation::wire::Stored::read(raw).map(|s| s.peek(raw.len()))
+}
+
+impl Peek {
+    pub fn new(
+        sender: String,
+        event_type: String,
+        recipients: Vec<(String, String)>,
+        bytes: usize,
+    ) -> Peek {
+        Peek {
+            sender,
+            event_type,
+            recipients,
+            bytes,
+        }
     }
-    #[derive(serde::Deserialize)]
-    struct Content<'a> {
-        #[serde(borrow)]
-        sender: std::borrow::Cow<'a, str>,
-        #[serde(borrow, rename = "type")]
-        event_type: std::borrow::Cow<'a, str>,
-        messages: std::collections::BTreeMap<
-            String,
-            std::collections::BTreeMap<String, serde::de::IgnoredAny>,
-        >,
-    }
-    let edu: Edu = serde_json::from_slice(raw).ok()?;
-    if edu.edu_type != DIRECT_TO_DEVICE {
-        return None;
-    }
-    let recipients = edu
-        .content
-        .messages
-        .into_iter()
-        .flat_map(|(user, devices)| devices.into_keys().map(move |d| (user.clone(), d)))
-        .collect();
-    Some(Peek {
-        sender: edu.content.sender.into_owned(),
-        event_type: edu.content.event_type.into_owned(),
-        recipients,
-        bytes: raw.len(),
-    })
 }
 
 /// How a queue head travels: `groups` of row indices, each of which goes as one EDU
@@ -290,7 +273,7 @@ pub fn merge(run: &[&[u8]]) -> Value {
 
 /// `c` + 21 characters of the hash of the merged ids: within the spec's 32, and the
 /// same ids always give the same id.
-fn merged_message_id(ids: &[String]) -> String {
+pub(crate) fn merged_message_id(ids: &[String]) -> String {
     use base64::Engine;
     use sha2::Digest;
     let mut h = sha2::Sha256::new();

@@ -4,6 +4,7 @@
 //! - [`client`]: the signed outbound HTTP client.
 //! - [`keys`]: our published keys and the cache of other servers' keys.
 //! - [`routes`]: the federation HTTP endpoints courier serves.
+//! - [`sender`]: per-destination delivery; [`edu`] and [`wire`]: the EDUs it sends.
 
 pub mod admin;
 pub mod auth;
@@ -15,3 +16,4 @@ pub mod keys;
 pub mod retry;
 pub mod routes;
 pub mod sender;
+pub mod wire;

@@ -21,14 +21,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngExt;
-use serde_json::{Value, json};
+
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::federation::client::{FederationClient, RequestError};
 use crate::federation::edu;
 use crate::federation::retry::{Outcome, Policy, classify};
+use crate::federation::wire::{Stored, write_groups};
 use crate::ids::ServerName;
+use crate::signing::canonical::write_string;
 use crate::store::outbox::{DestState, Inflight, QueuedEdu};
 use crate::store::{Batch, Store, StoreError, now_ms};
 
@@ -640,29 +642,35 @@ fn prepare(
     inflight: Inflight,
     rows: Coalesced,
 ) -> Prepared {
-    let Coalesced { edus, groups } = rows;
-    let edu_values: Vec<Value> = groups
-        .into_iter()
-        .map(|group| {
-            let raw: Vec<&[u8]> = group.iter().map(|&i| edus[i].edu.as_slice()).collect();
-            edu::merge(&raw)
-        })
-        .collect();
-    let wire_edus = edu_values.len();
-    let body = json!({
-        "origin": client.origin().as_str(),
-        "origin_server_ts": inflight.origin_server_ts,
-        "pdus": [],
-        "edus": edu_values,
-    });
+    let Coalesced {
+        edus,
+        wire,
+        wire_edus,
+    } = rows;
     let path = format!(
         "/_matrix/federation/v1/send/{}",
         percent_encoding::utf8_percent_encode(&inflight.txn_id, percent_encoding::NON_ALPHANUMERIC)
     );
-    // Encoded once: the canonical form is both what is signed and what is sent.
-    let size_hint = edus.iter().map(|e| e.edu.len()).sum::<usize>();
+    // Written once, in canonical form: it is both what is signed and what is sent.
+    // Members in code-point order: edus < origin < origin_server_ts < pdus.
+    let origin = client.origin().as_str();
     let signed = client
-        .sign_with_body(name, &reqwest::Method::PUT, &path, &body, size_hint)
+        .sign_writing(
+            name,
+            &reqwest::Method::PUT,
+            &path,
+            wire.len() + 128,
+            |out| {
+                out.push_str("{\"edus\":[");
+                out.push_str(&wire);
+                out.push_str("],\"origin\":");
+                write_string(out, origin);
+                out.push_str(",\"origin_server_ts\":");
+                out.push_str(&inflight.origin_server_ts.to_string());
+                out.push_str(",\"pdus\":[]}");
+                Ok(())
+            },
+        )
         .map_err(|e| e.to_string());
     Prepared {
         inflight,
@@ -691,20 +699,37 @@ fn prepare_next(
     )
 }
 
-/// Queued EDUs cut to whole coalesced groups, and the groups (at most
-/// [`MAX_EDUS_PER_TXN`]; row indices), each of which travels as one EDU.
+/// Queued EDUs cut to whole coalesced groups, and those groups written as the
+/// canonical text of the transaction's EDUs (`wire`: the inside of its `edus`
+/// array; `wire_edus` of them, at most [`MAX_EDUS_PER_TXN`]).
 struct Coalesced {
     edus: Vec<QueuedEdu>,
-    groups: Vec<Vec<usize>>,
+    wire: String,
+    wire_edus: usize,
 }
 
 fn coalesced(mut edus: Vec<QueuedEdu>) -> Coalesced {
-    let peeks: Vec<Option<edu::Peek>> = edus.iter().map(|r| edu::peek(&r.edu)).collect();
-    let grouping = edu::group(&peeks, MAX_EDUS_PER_TXN);
+    // Each row is read once: for grouping, and for writing it again.
+    let (wire, grouping) = {
+        let rows: Vec<&[u8]> = edus.iter().map(|e| e.edu.as_slice()).collect();
+        let stored: Vec<Option<Stored>> = rows.iter().map(|r| Stored::read(r)).collect();
+        let peeks: Vec<Option<edu::Peek>> = stored
+            .iter()
+            .zip(&rows)
+            .map(|(s, r)| s.as_ref().map(|s| s.peek(r.len())))
+            .collect();
+        let grouping = edu::group(&peeks, MAX_EDUS_PER_TXN);
+        let mut wire =
+            String::with_capacity(rows[..grouping.rows].iter().map(|r| r.len() + 1).sum());
+        let fast = write_groups(&mut wire, &rows, &stored, &grouping.groups);
+        metrics::counter!("courier_edus_written_by_concatenation_total").increment(fast as u64);
+        (wire, grouping)
+    };
     edus.truncate(grouping.rows);
     Coalesced {
         edus,
-        groups: grouping.groups,
+        wire,
+        wire_edus: grouping.groups.len(),
     }
 }
 

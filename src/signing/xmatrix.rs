@@ -432,11 +432,27 @@ pub fn sign_request_with_body(
     mode: NumberMode,
     size_hint: usize,
 ) -> Result<(bytes::Bytes, String), SignError> {
+    sign_request_writing(method, uri, origin, destination, key, size_hint, |out| {
+        canonical::encode_into(out, content, mode)
+    })
+}
+
+/// As [`sign_request_with_body`], with the body written by `write`, which must
+/// append canonical JSON (the caller's promise: nothing here checks it).
+pub fn sign_request_writing(
+    method: &str,
+    uri: &str,
+    origin: &str,
+    destination: &str,
+    key: &SigningKey,
+    size_hint: usize,
+    write: impl FnOnce(&mut String) -> Result<(), CanonicalError>,
+) -> Result<(bytes::Bytes, String), SignError> {
     let mut message = String::with_capacity(size_hint + 256);
     message.push('{');
     message.push_str(CONTENT_KEY);
     let start = message.len();
-    canonical::encode_into(&mut message, content, mode)?;
+    write(&mut message)?;
     let end = message.len();
     message.push(',');
     push_request_fields(&mut message, method, uri, origin, destination);
