@@ -6,11 +6,12 @@
 //! then by device into several EDUs (each with its own `message_id`) when the canonical
 //! size would pass [`SOFT_MAX_EDU_BYTES`] (as Synapse does). A single message larger
 //! than that travels alone. Validation is per EDU: one bad EDU never fails a
-//! transaction. At sending time, consecutive queued EDUs of one sender and type whose
-//! recipients do not overlap are coalesced into one (see [`group`], [`merge`]): the
-//! spec caps a transaction at 100 EDUs, not messages, and one transaction is in flight
-//! per destination, so a destination fed by many small requests is carried in fewer,
-//! fuller transactions. This module does no I/O.
+//! transaction. At sending time, queued EDUs of one sender and type whose recipients
+//! do not overlap are coalesced into one (see [`group`], [`merge`], and
+//! `federation::wire`, which writes the groups): the spec caps a transaction at 100
+//! EDUs, not messages, and one transaction is in flight per destination, so a
+//! destination fed by many small requests is carried in fewer, fuller transactions.
+//! No device's messages are ever reordered. This module does no I/O.
 
 use serde_json::{Map, Value, json};
 
@@ -353,6 +354,22 @@ pub fn parse_to_device<'a>(edu: &'a Value, origin: &str) -> Result<ToDevice<'a>,
     })
 }
 
+/// A queued row as `client::send` stores it: one EDU from `sender` carrying
+/// `content` to each `(user, device)` of `to` (tests of coalescing).
+#[cfg(test)]
+pub(crate) fn queued_row(sender: &str, to: &[(&str, &str)], content: Value) -> Vec<u8> {
+    let mut messages = Map::new();
+    for (u, d) in to {
+        messages
+            .entry(u.to_string())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("an object")
+            .insert(d.to_string(), content.clone());
+    }
+    pack_to_device(sender, "m.t", &messages).remove(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,16 +441,7 @@ mod tests {
     }
 
     fn queued(sender: &str, to: &[(&str, &str)], n: u64) -> Vec<u8> {
-        let mut messages = Map::new();
-        for (u, d) in to {
-            messages
-                .entry(u.to_string())
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .unwrap()
-                .insert(d.to_string(), json!({"n": n}));
-        }
-        pack_to_device(sender, "m.t", &messages).remove(0)
+        queued_row(sender, to, json!({"n": n}))
     }
 
     #[test]

@@ -13,9 +13,10 @@ use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::federation::auth::authenticate;
+use crate::federation::auth::{authenticate, authenticate_for};
 use crate::federation::inbound;
 use crate::federation::keys::our_server_keys;
+use crate::ids::ServerName;
 use crate::store::now_ms;
 
 /// Most PDUs and EDUs one transaction may carry (the spec's limits).
@@ -53,9 +54,23 @@ pub(crate) fn json_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))
 }
 
-/// A request body as received, for [`authenticate`].
-pub(crate) fn received<'a>(raw: &'a Bytes, parsed: &'a Value) -> crate::signing::xmatrix::Body<'a> {
-    crate::signing::xmatrix::Body { raw, parsed }
+/// A JSON request body and the server whose X-Matrix signature (for `ours`)
+/// covers it.
+pub(crate) async fn signed_json(
+    app: &App,
+    ours: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Value, ServerName), ApiError> {
+    let content = json_body(body)?;
+    let received = crate::signing::xmatrix::Body {
+        raw: body,
+        parsed: &content,
+    };
+    let origin = authenticate_for(app, ours, method, uri, headers, Some(received)).await?;
+    Ok((content, origin))
 }
 
 /// A transaction's `origin` must be the server that signed the request (403 otherwise).
@@ -94,15 +109,8 @@ async fn send(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = transaction_body(body)?;
-    let content = json_body(&body)?;
-    let origin = authenticate(
-        &app,
-        &method,
-        &uri,
-        &headers,
-        Some(received(&body, &content)),
-    )
-    .await?;
+    let ours = app.config.server_name.as_str();
+    let (content, origin) = signed_json(&app, ours, &method, &uri, &headers, &body).await?;
     let obj = content
         .as_object()
         .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
@@ -215,15 +223,8 @@ async fn keys_query(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let content = json_body(&body)?;
-    authenticate(
-        &app,
-        &method,
-        &uri,
-        &headers,
-        Some(received(&body, &content)),
-    )
-    .await?;
+    let ours = app.config.server_name.as_str();
+    let (content, _) = signed_json(&app, ours, &method, &uri, &headers, &body).await?;
     let wanted = content
         .get("device_keys")
         .and_then(Value::as_object)

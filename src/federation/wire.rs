@@ -219,20 +219,9 @@ fn write_groups_slow(out: &mut String, rows: &[&[u8]], groups: &[Vec<usize>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{Map, Value, json};
+    use serde_json::{Value, json};
 
-    fn row(sender: &str, to: &[(&str, &str)], content: Value) -> Vec<u8> {
-        let mut messages = Map::new();
-        for (u, d) in to {
-            messages
-                .entry(u.to_string())
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .unwrap()
-                .insert(d.to_string(), content.clone());
-        }
-        edu::pack_to_device(sender, "m.t", &messages).remove(0)
-    }
+    use crate::federation::edu::queued_row as row;
 
     /// (fast output, slow output, groups, groups written fast)
     fn both(rows: &[Vec<u8>]) -> (String, String, usize, usize) {

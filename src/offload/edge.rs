@@ -20,8 +20,7 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::federation::auth::authenticate_for;
-use crate::federation::routes::{json_body, received, same_origin, transaction_body};
+use crate::federation::routes::{same_origin, signed_json, transaction_body};
 use crate::offload::{forward, hold, request_target, takes_custody};
 use crate::store::custody::Dir;
 
@@ -46,16 +45,8 @@ async fn send(
             "edge listener without [offload] homeserver_name",
         ));
     };
-    let content = json_body(&body)?;
-    let origin = authenticate_for(
-        &app,
-        hs_name.as_str(),
-        &method,
-        &uri,
-        &headers,
-        Some(received(&body, &content)),
-    )
-    .await?;
+    let (content, origin) =
+        signed_json(&app, hs_name.as_str(), &method, &uri, &headers, &body).await?;
     same_origin(&content, &origin)?;
     let path = request_target(&uri);
     if !takes_custody(app.config.offload.custody, &body) {
