@@ -26,6 +26,9 @@ pub struct InboxState {
     pub last_sync_ts: Option<u64>,
 }
 
+/// Messages of one device, oldest first: `(seq, event JSON)`.
+pub type Page = Vec<(u64, Vec<u8>)>;
+
 fn device_prefix(user: &str, device: &str) -> Vec<u8> {
     key(&[user.as_bytes(), device.as_bytes(), b""])
 }
@@ -115,7 +118,7 @@ impl Store {
         device: &str,
         upto: u64,
         limit: usize,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, InboxState), StoreError> {
+    ) -> Result<(Page, InboxState), StoreError> {
         let mut state = self.inbox_state(user, device)?;
         let prefix = device_prefix(user, device);
         let mut opts = rocksdb::ReadOptions::default();
