@@ -68,6 +68,31 @@ homeserver_backoff_max = "2s"
     .await
 }
 
+/// A courier with only an offload listener (plain HTTP; returned with its port),
+/// `dest.test` mapped to the recording destination `dest`; `offload` adds lines to
+/// the `[offload]` section.
+async fn offload_to(dest: &Recorder, offload: &str) -> (Courier, u16) {
+    let port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{port}"
+tls = false
+resources = ["offload"]
+
+[offload]
+secret = "{SECRET}"
+{offload}
+{FAST}
+[federation.overrides]
+"dest.test" = "127.0.0.1:{dest_port}"
+"#,
+        dest_port = dest.addr.port()
+    ))
+    .await;
+    (c, port)
+}
+
 fn synapse_offloaded_to(venv: &std::path::Path, offload_port: u16) -> Synapse {
     Synapse::start_configured(
         venv,
@@ -366,23 +391,7 @@ async fn synapse_offload_both_ways_survives_outages_and_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offload_custody_replays_verbatim_in_order_and_parks_refusals() {
     let dest = Recorder::start().await;
-    let port = free_port();
-    let c = Courier::start_with(&format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:{port}"
-tls = false
-resources = ["offload"]
-
-[offload]
-secret = "{SECRET}"
-{FAST}
-[federation.overrides]
-"dest.test" = "127.0.0.1:{dest_port}"
-"#,
-        dest_port = dest.addr.port()
-    ))
-    .await;
+    let (c, port) = offload_to(&dest, "").await;
     let auth = r#"X-Matrix origin="hs.test",destination="dest.test",key="ed25519:a",sig="c2ln""#;
     let put = |txn: &str, body: &[u8]| {
         raw_request(
@@ -634,24 +643,7 @@ homeserver_backoff_max = "1s"
 async fn custody_all_holds_pdu_transactions_too() {
     let dest = Recorder::start().await;
     dest.answer(502, "");
-    let port = free_port();
-    let c = Courier::start_with(&format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:{port}"
-tls = false
-resources = ["offload"]
-
-[offload]
-secret = "{SECRET}"
-custody = "all"
-{FAST}
-[federation.overrides]
-"dest.test" = "127.0.0.1:{dest_port}"
-"#,
-        dest_port = dest.addr.port()
-    ))
-    .await;
+    let (c, port) = offload_to(&dest, "custody = \"all\"").await;
     let body = br#"{"origin":"hs.test","origin_server_ts":1,"pdus":[{"event_id":"$e"}],"edus":[]}"#;
     let (status, answer) = raw_request(
         port,

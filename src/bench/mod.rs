@@ -521,11 +521,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         )
         .await;
         if !ok {
-            bail!(
-                "{}: warm-up message refused: {:?}",
-                kind.name(),
-                shared.last_error.lock().map(|e| e.clone())
-            );
+            return Err(warmup_refused(kind, &shared));
         }
         let deadline = Instant::now() + Duration::from_secs(120);
         while sim.warmups() < targets.len() as u64 {
@@ -553,11 +549,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         )
         .await;
         if !ok {
-            bail!(
-                "{}: warm-up message refused: {:?}",
-                kind.name(),
-                shared.last_error.lock().map(|e| e.clone())
-            );
+            return Err(warmup_refused(kind, &shared));
         }
         let (dev, since) = &mut receivers[j * per_dest];
         *since = driver::sync_until_type(
@@ -825,6 +817,15 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
 }
 
 /// Waits until `expected` deliveries were seen, or none came for `STALL_TIMEOUT`.
+/// The error for a warm-up message the origin refused.
+fn warmup_refused(kind: &Kind, shared: &Shared) -> anyhow::Error {
+    anyhow!(
+        "{}: warm-up message refused: {:?}",
+        kind.name(),
+        shared.last_error.lock().map(|e| e.clone())
+    )
+}
+
 async fn wait_delivered(shared: &Shared, expected: u64) -> bool {
     let mut last = (Instant::now(), shared.delivered.load(Ordering::Relaxed));
     loop {

@@ -8,6 +8,7 @@
 //! Everything a transaction yields, with its `(origin, txnId)` marker, is one synced
 //! batch: durable before the 200. It never authenticates (see `auth`) and never sends.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -89,10 +90,9 @@ pub async fn accept(
     // (user, device, event JSON) in arrival order.
     let mut entries: Vec<(String, String, Vec<u8>)> = Vec::new();
     let mut message_ids: Vec<&str> = Vec::new();
-    let mut devices_cache: HashMap<String, Vec<String>> = HashMap::new();
-    // A transaction addresses the same devices again and again (one message each):
-    // one store lookup per device, not per message.
-    let mut exists_cache: HashMap<(&str, &str), bool> = HashMap::new();
+    // A user's devices, read once per transaction: for `*` and for checking named
+    // devices (a transaction addresses the same devices again and again).
+    let mut devices_cache: HashMap<&str, Vec<String>> = HashMap::new();
     for raw in edus {
         match edu::edu_type(raw) {
             Some(DIRECT_TO_DEVICE) => {}
@@ -144,30 +144,16 @@ pub async fn accept(
                     event_type: td.event_type,
                 })
                 .expect("a Value serializes");
+                let known = match devices_cache.entry(user.as_str()) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(store.device_ids(user)?),
+                };
                 if device == "*" {
-                    let all = match devices_cache.get(user) {
-                        Some(d) => d.clone(),
-                        None => {
-                            let d = store.device_ids(user)?;
-                            devices_cache.insert(user.clone(), d.clone());
-                            d
-                        }
-                    };
-                    for d in all {
-                        entries.push((user.clone(), d, event.clone()));
+                    for d in known.iter() {
+                        entries.push((user.clone(), d.clone(), event.clone()));
                     }
-                } else {
-                    let exists = match exists_cache.get(&(user.as_str(), device.as_str())) {
-                        Some(e) => *e,
-                        None => {
-                            let e = store.device_exists(user, device)?;
-                            exists_cache.insert((user, device), e);
-                            e
-                        }
-                    };
-                    if exists {
-                        entries.push((user.clone(), device.clone(), event));
-                    }
+                } else if known.contains(device) {
+                    entries.push((user.clone(), device.clone(), event));
                 }
             }
         }

@@ -221,9 +221,7 @@ impl Sender {
                 );
                 st.failures = 0;
                 st.next_attempt_ts = 0;
-                let mut b = Batch::new();
-                store.put_dest_state(&mut b, dest, &st);
-                if let Err(e) = store.commit_unsynced(b) {
+                if let Err(e) = store.write_dest_state(dest, &st) {
                     tracing::warn!(destination = dest, error = %e, "cannot reset backoff");
                 }
                 metrics::counter!("courier_backoff_resets_total").increment(1);
@@ -348,9 +346,7 @@ impl Sender {
                 let Some((inflight, rows)) = found else {
                     if st.inflight.is_some() || st.failures > 0 {
                         st.inflight = None;
-                        let mut b = Batch::new();
-                        store.put_dest_state(&mut b, dest, &st);
-                        store.commit_unsynced(b)?;
+                        store.write_dest_state(dest, &st)?;
                     }
                     return Ok(Step::Idle);
                 };
@@ -500,9 +496,7 @@ impl Sender {
                     None => detail,
                 };
                 st.last_error = Some(why.clone());
-                let mut b = Batch::new();
-                store.put_dest_state(&mut b, dest, &st);
-                store.commit_unsynced(b)?;
+                store.write_dest_state(dest, &st)?;
                 self.inner
                     .backing_off
                     .lock()
@@ -553,9 +547,7 @@ fn continue_fresh(
 ) -> Result<Option<(Inflight, Coalesced)>, StoreError> {
     let found = next_transaction(store, dest, st, max_rows, max_bytes)?;
     if found.is_some() {
-        let mut b = Batch::new();
-        store.put_dest_state(&mut b, dest, st);
-        store.commit_unsynced(b)?;
+        store.write_dest_state(dest, st)?;
     }
     Ok(found)
 }

@@ -83,13 +83,18 @@ pub fn write_groups(
         if write_fast(out, rows, stored, group) {
             fast += 1;
         } else {
-            let parts: Vec<&[u8]> = group.iter().map(|&i| rows[i]).collect();
-            // A tree and the canonical encoder: every JSON value encodes in Python
-            // mode (non-finite numbers cannot be parsed into one).
-            let _ = canonical::encode_into(out, &edu::merge(&parts), NumberMode::Python);
+            write_slow(out, rows, group);
         }
     }
     fast
+}
+
+/// The group through a tree ([`edu::merge`]) and the canonical encoder.
+fn write_slow(out: &mut String, rows: &[&[u8]], group: &[usize]) {
+    let parts: Vec<&[u8]> = group.iter().map(|&i| rows[i]).collect();
+    // Every value a JSON parse yields encodes in Python mode (no non-finite
+    // numbers), so this cannot fail.
+    let _ = canonical::encode_into(out, &edu::merge(&parts), NumberMode::Python);
 }
 
 /// The group by concatenation, if its rows allow it; false (and `out` untouched)
@@ -211,8 +216,7 @@ fn write_groups_slow(out: &mut String, rows: &[&[u8]], groups: &[Vec<usize>]) {
         if gi > 0 {
             out.push(',');
         }
-        let parts: Vec<&[u8]> = group.iter().map(|&i| rows[i]).collect();
-        canonical::encode_into(out, &edu::merge(&parts), NumberMode::Python).unwrap();
+        write_slow(out, rows, group);
     }
 }
 

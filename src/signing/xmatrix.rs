@@ -405,13 +405,18 @@ pub fn sign_request(
     mode: NumberMode,
 ) -> Result<String, SignError> {
     let message = request_canonical(method, uri, origin, destination, content, mode)?;
-    let header = XMatrix {
+    Ok(signed_header(origin, destination, key, &message))
+}
+
+/// The `Authorization` header value carrying `key`'s signature of `message`.
+fn signed_header(origin: &str, destination: &str, key: &SigningKey, message: &str) -> String {
+    XMatrix {
         origin: origin.to_owned(),
         destination: Some(destination.to_owned()),
         key: key.key_id(),
         sig: key.sign(message.as_bytes()),
-    };
-    Ok(header.to_string())
+    }
+    .to_string()
 }
 
 /// Encodes `content` canonically and signs the request that carries it, in one
@@ -456,13 +461,7 @@ pub fn sign_request_writing(
     let end = message.len();
     message.push(',');
     push_request_fields(&mut message, method, uri, origin, destination);
-    let header = XMatrix {
-        origin: origin.to_owned(),
-        destination: Some(destination.to_owned()),
-        key: key.key_id(),
-        sig: key.sign(message.as_bytes()),
-    }
-    .to_string();
+    let header = signed_header(origin, destination, key, &message);
     Ok((
         bytes::Bytes::from(message.into_bytes()).slice(start..end),
         header,

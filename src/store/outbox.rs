@@ -194,6 +194,14 @@ impl Store {
         );
     }
 
+    /// Records `state` for `dest` on its own (unsynced: bookkeeping whose loss only
+    /// redoes a step, see [`Store::commit_unsynced`]).
+    pub fn write_dest_state(&self, dest: &str, state: &DestState) -> Result<(), StoreError> {
+        let mut b = Batch::new();
+        self.put_dest_state(&mut b, dest, state);
+        self.commit_unsynced(b)
+    }
+
     /// Every destination with a recorded state (for admin views).
     pub fn all_dest_states(&self) -> Result<Vec<(String, DestState)>, StoreError> {
         let mut out = Vec::new();
