@@ -183,6 +183,8 @@ const SEQ_KEY: &[u8] = b"seq_reserved";
 const MAX_GROUP: usize = 1024;
 /// Memtable size per column family (RocksDB's default is 64 MiB).
 const WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Write-ahead log files kept for reuse (see `Store::open`).
+const RECYCLED_LOGS: usize = 4;
 
 impl Store {
     /// Opens (creating if needed) the database in `path`.
@@ -194,6 +196,13 @@ impl Store {
         db_opts.increase_parallelism(2);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(32 * 1024 * 1024);
+        // Every accepted request waits for an fsync of the log. Appending to a fresh
+        // log file makes each `fdatasync` also write the inode (the file grew) and
+        // convert preallocated extents; overwriting a recycled log whose blocks are
+        // already written does neither. Measured on this machine class: ~300 -> ~150
+        // µs per synced 4 KiB write. Recycling works with the default recovery mode
+        // (point in time), which RocksDB checks: it disables recycling otherwise.
+        db_opts.set_recycle_log_file_num(RECYCLED_LOGS);
         let ttl_ms = options.dedupe_ttl.as_millis() as u64;
         let descriptors = cf::ALL.iter().map(|name| {
             let mut o = Options::default();
@@ -544,6 +553,50 @@ mod tests {
         let page = s.inbox_page("@a:x", "D", 0, 1000).unwrap();
         assert_eq!(page.len(), 200);
         assert!(page.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    /// Log recycling is in force (RocksDB silently turns it off with some recovery
+    /// modes), and a log written over a recycled one reads back exactly what was
+    /// written: the old file's stale tail is not replayed.
+    #[tokio::test]
+    async fn recycled_logs_are_used_and_replay_only_new_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for round in 0..3u64 {
+                for i in 0..50u64 {
+                    s.append(vec![inbox(round * 100 + i)]).await.unwrap();
+                }
+                // Flushing every family makes the current log obsolete: it goes to
+                // the recycle list, and the next log is written over it.
+                for name in cf::ALL {
+                    s.db.flush_cf(s.cf(name)).unwrap();
+                }
+            }
+            s.append(vec![inbox(999)]).await.unwrap();
+        }
+        let options = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .max_by_key(|e| e.file_name())
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .unwrap();
+        assert!(
+            options.contains(&format!("recycle_log_file_num={RECYCLED_LOGS}")),
+            "log recycling was turned off"
+        );
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let page = s.inbox_page("@a:x", "D", 0, 1000).unwrap();
+        let events: Vec<String> = page
+            .iter()
+            .map(|(_, e)| String::from_utf8(e.to_vec()).unwrap())
+            .collect();
+        let mut expected: Vec<String> = (0..3u64)
+            .flat_map(|r| (0..50u64).map(move |i| (r * 100 + i).to_string()))
+            .collect();
+        expected.push("999".into());
+        assert_eq!(events, expected);
     }
 
     #[test]
