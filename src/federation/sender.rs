@@ -282,7 +282,7 @@ impl Sender {
     ) -> Result<Step, StepError> {
         let store = &self.inner.store;
         let (mut st, mut pending, mut ready) = match next.take() {
-            Some(n) => (n.state, Some(n.write), Some(n.prepared)),
+            Some(n) => (n.state, Some(n.write), n.prepared),
             None => (store.dest_state(dest)?, None, None),
         };
         let now = now_ms();
@@ -303,14 +303,16 @@ impl Sender {
         // while it holds one, so at most `max_concurrent` of them do. Taken after
         // building them, 1000 busy destinations held 1000 bodies while they waited
         // (840 MiB RSS measured).
+        // The previous transaction's acknowledgement (`pending`) waits with us: it is
+        // written with the record of the transaction formed once the permit is ours
+        // (one write per transaction), and what arrives meanwhile can still join that
+        // transaction. A crash before the write re-sends the acknowledged transaction
+        // under its txnId, which the destination answers from its record.
         let _permit = match self.inner.permits.try_acquire() {
             Ok(p) => p,
             Err(_) => {
                 // Waiting: hold no prepared body meanwhile (see above).
                 ready = None;
-                if let Some(b) = pending.take() {
-                    store.commit_unsynced(b)?;
-                }
                 self.inner
                     .permits
                     .acquire()
@@ -324,7 +326,9 @@ impl Sender {
             // its acknowledgement: the same txnId, the same EDUs, already signed.
             Some(p) if st.inflight.as_ref().map(|i| &i.txn_id) == Some(&p.inflight.txn_id) => p,
             _ => {
-                // The in-flight one again, or a fresh head of the queue.
+                // The in-flight one again (its record is in the store), or a fresh
+                // head of the queue.
+                let mut fresh = true;
                 let found = match st.inflight.clone() {
                     Some(inf) => {
                         let rows = coalesced(store.outbox_head(
@@ -336,20 +340,30 @@ impl Sender {
                         )?);
                         if rows.edus.is_empty() {
                             st.inflight = None;
-                            continue_fresh(store, dest, &mut st, *max_rows, max_bytes)?
+                            next_transaction(store, dest, &mut st, *max_rows, max_bytes)?
                         } else {
+                            fresh = false;
                             Some((inf, rows))
                         }
                     }
-                    None => continue_fresh(store, dest, &mut st, *max_rows, max_bytes)?,
+                    None => next_transaction(store, dest, &mut st, *max_rows, max_bytes)?,
                 };
                 let Some((inflight, rows)) = found else {
-                    if st.inflight.is_some() || st.failures > 0 {
+                    if pending.is_some() || st.inflight.is_some() || st.failures > 0 {
                         st.inflight = None;
-                        store.write_dest_state(dest, &st)?;
+                        let mut b = pending.take().unwrap_or_default();
+                        store.put_dest_state(&mut b, dest, &st);
+                        store.commit_unsynced(b)?;
                     }
                     return Ok(Step::Idle);
                 };
+                // Recorded as in flight (with the previous acknowledgement) before it
+                // leaves: a retry after a crash must rebuild these very EDUs.
+                if pending.is_some() || fresh {
+                    let mut b = pending.take().unwrap_or_default();
+                    store.put_dest_state(&mut b, dest, &st);
+                    store.commit_unsynced(b)?;
+                }
                 prepare(&self.inner.client, name, inflight, rows)
             }
         };
@@ -455,24 +469,18 @@ impl Sender {
                 // this acknowledgement: every write here may wait behind the intake's
                 // fsync, and it is on the path of every transaction. With the next
                 // transaction prepared, that write goes out with it (see above).
-                match prepared_next {
-                    Some(p) => {
-                        st.txn_counter += 1;
-                        st.inflight = Some(p.inflight.clone());
-                        store.put_dest_state(&mut b, dest, &st);
-                        *next = Some(Next {
-                            prepared: p,
-                            state: st,
-                            write: b,
-                        });
-                    }
-                    None => {
-                        let _ =
-                            next_transaction(store, dest, &mut st, MAX_ROWS_PER_TXN, max_bytes)?;
-                        store.put_dest_state(&mut b, dest, &st);
-                        store.commit_unsynced(b)?;
-                    }
+                // Without one, the next transaction is formed by the next step, once
+                // it holds a send permit, and recorded in this same write.
+                if let Some(p) = &prepared_next {
+                    st.txn_counter += 1;
+                    st.inflight = Some(p.inflight.clone());
                 }
+                store.put_dest_state(&mut b, dest, &st);
+                *next = Some(Next {
+                    prepared: prepared_next,
+                    state: st,
+                    write: b,
+                });
                 self.inner
                     .backing_off
                     .lock()
@@ -537,21 +545,6 @@ impl Sender {
     }
 }
 
-/// Forms a fresh transaction from the queue head and records it as in flight.
-fn continue_fresh(
-    store: &Store,
-    dest: &str,
-    st: &mut DestState,
-    max_rows: usize,
-    max_bytes: usize,
-) -> Result<Option<(Inflight, Coalesced)>, StoreError> {
-    let found = next_transaction(store, dest, st, max_rows, max_bytes)?;
-    if found.is_some() {
-        store.write_dest_state(dest, st)?;
-    }
-    Ok(found)
-}
-
 /// Forms a fresh transaction from the queue head (above `st.acked_seq`) and sets it
 /// as `st.inflight`, without writing anything: the caller records `st`. An empty
 /// queue leaves `st` alone and yields `None`.
@@ -604,12 +597,13 @@ fn head_transaction(
     Ok(Some((inflight, rows)))
 }
 
-/// The transaction to send next, prepared while the previous one travelled, with
-/// the destination's state after the previous one's 200 and the write that records
-/// that state (the acknowledgement, and this transaction as in flight): the write
-/// is made while this transaction travels.
+/// What a delivered transaction hands to the next step: the destination's state
+/// after its 200 and the write that records it (the acknowledgement, and the next
+/// transaction as in flight when that one was prepared while this one travelled).
+/// With a prepared transaction, the write is made while it travels; without, with
+/// the record of the transaction the next step forms.
 struct Next {
-    prepared: Prepared,
+    prepared: Option<Prepared>,
     state: DestState,
     write: Batch,
 }
