@@ -326,9 +326,7 @@ impl Sender {
             // its acknowledgement: the same txnId, the same EDUs, already signed.
             Some(p) if st.inflight.as_ref().map(|i| &i.txn_id) == Some(&p.inflight.txn_id) => p,
             _ => {
-                // The in-flight one again (its record is in the store), or a fresh
-                // head of the queue.
-                let mut fresh = true;
+                // The in-flight one again, or a fresh head of the queue.
                 let found = match st.inflight.clone() {
                     Some(inf) => {
                         let rows = coalesced(store.outbox_head(
@@ -342,7 +340,6 @@ impl Sender {
                             st.inflight = None;
                             next_transaction(store, dest, &mut st, *max_rows, max_bytes)?
                         } else {
-                            fresh = false;
                             Some((inf, rows))
                         }
                     }
@@ -351,19 +348,18 @@ impl Sender {
                 let Some((inflight, rows)) = found else {
                     if pending.is_some() || st.inflight.is_some() || st.failures > 0 {
                         st.inflight = None;
-                        let mut b = pending.take().unwrap_or_default();
-                        store.put_dest_state(&mut b, dest, &st);
-                        store.commit_unsynced(b)?;
+                        store.write_dest_state_with(
+                            pending.take().unwrap_or_default(),
+                            dest,
+                            &st,
+                        )?;
                     }
                     return Ok(Step::Idle);
                 };
                 // Recorded as in flight (with the previous acknowledgement) before it
-                // leaves: a retry after a crash must rebuild these very EDUs.
-                if pending.is_some() || fresh {
-                    let mut b = pending.take().unwrap_or_default();
-                    store.put_dest_state(&mut b, dest, &st);
-                    store.commit_unsynced(b)?;
-                }
+                // leaves: a retry after a crash must rebuild these very EDUs. (A
+                // rebuilt retry writes its unchanged record again: rare, and cheap.)
+                store.write_dest_state_with(pending.take().unwrap_or_default(), dest, &st)?;
                 prepare(&self.inner.client, name, inflight, rows)
             }
         };
@@ -465,12 +461,11 @@ impl Sender {
                 st.failures = 0;
                 st.next_attempt_ts = 0;
                 st.last_error = None;
-                // The next transaction's in-flight record rides in the same write as
-                // this acknowledgement: every write here may wait behind the intake's
-                // fsync, and it is on the path of every transaction. With the next
-                // transaction prepared, that write goes out with it (see above).
-                // Without one, the next transaction is formed by the next step, once
-                // it holds a send permit, and recorded in this same write.
+                // One write per transaction: every write here may wait behind the
+                // intake's fsync. It carries this acknowledgement and the next
+                // transaction's in-flight record: the prepared one's, made while that
+                // one travels (see above); without one, the next step forms the
+                // transaction once it holds a permit and adds its record to this write.
                 if let Some(p) = &prepared_next {
                     st.txn_counter += 1;
                     st.inflight = Some(p.inflight.clone());

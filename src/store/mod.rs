@@ -568,7 +568,7 @@ mod tests {
                     s.append(vec![inbox(round * 100 + i)]).await.unwrap();
                 }
                 // Flushing every family makes the current log obsolete: it goes to
-                // the recycle list, and the next log is written over it.
+                // the recycle list, and a later log is written over it.
                 for name in cf::ALL {
                     s.db.flush_cf(s.cf(name)).unwrap();
                 }

@@ -197,7 +197,16 @@ impl Store {
     /// Records `state` for `dest` on its own (unsynced: bookkeeping whose loss only
     /// redoes a step, see [`Store::commit_unsynced`]).
     pub fn write_dest_state(&self, dest: &str, state: &DestState) -> Result<(), StoreError> {
-        let mut b = Batch::new();
+        self.write_dest_state_with(Batch::new(), dest, state)
+    }
+
+    /// Records `state` for `dest` in one (unsynced) write with what `b` holds.
+    pub fn write_dest_state_with(
+        &self,
+        mut b: Batch,
+        dest: &str,
+        state: &DestState,
+    ) -> Result<(), StoreError> {
         self.put_dest_state(&mut b, dest, state);
         self.commit_unsynced(b)
     }
