@@ -20,6 +20,7 @@ pub mod dedupe;
 pub mod inbox;
 pub mod keys;
 pub mod outbox;
+mod tail;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -143,6 +144,8 @@ pub struct Store {
     writer: Arc<WriterHandle>,
     /// The highest sequence number whose write is on disk.
     last_seq: Arc<AtomicU64>,
+    /// The newest outbox rows of each destination, in memory (see `store::tail`).
+    tails: Arc<tail::Tails>,
 }
 
 /// One write that consumes a sequence number (or rides along with those that do),
@@ -243,11 +246,13 @@ impl Store {
         // Position 0 means "nothing yet" in sync tokens and is never handed out.
         let last_seq = Arc::new(AtomicU64::new(reserved));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let tails = Arc::new(tail::Tails::new(reserved, tail::Limits::default()));
         let writer = Writer {
             db: db.clone(),
             next: reserved + 1,
             reserved,
             last_seq: last_seq.clone(),
+            tails: tails.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("courier-writer".into())
@@ -260,6 +265,7 @@ impl Store {
                 thread: Some(thread),
             }),
             last_seq,
+            tails,
         })
     }
 
@@ -379,6 +385,7 @@ struct Writer {
     next: u64,
     reserved: u64,
     last_seq: Arc<AtomicU64>,
+    tails: Arc<tail::Tails>,
 }
 
 impl Writer {
@@ -391,7 +398,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write_group(&group);
+            let result = self.write_group(&mut group);
             for req in group {
                 let _ = req.done.send(match &result {
                     Ok(()) => Ok(()),
@@ -401,13 +408,13 @@ impl Writer {
         }
     }
 
-    fn write_group(&mut self, group: &[AppendRequest]) -> Result<(), rocksdb::Error> {
+    fn write_group(&mut self, group: &mut [AppendRequest]) -> Result<(), rocksdb::Error> {
         let cf = |name| self.db.cf_handle(name).expect("every cf is opened");
         let mut seq = self.next;
         let now = now_ms().to_be_bytes();
         // (column family, key, value), numbered in arrival order...
         let mut rows: Vec<(&'static str, Vec<u8>, &[u8])> = Vec::new();
-        for req in group {
+        for req in group.iter() {
             for op in &req.ops {
                 match op {
                     Append::Inbox {
@@ -454,6 +461,30 @@ impl Writer {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(b, &opts)?;
+        drop(rows);
+        // Durable: the outbox rows go to memory, numbered as above, before anyone
+        // hears of the commit (the sender is woken only after `append` returns).
+        let mut seq = self.next;
+        let mut queued = Vec::new();
+        for op in group.iter_mut().flat_map(|r| r.ops.iter_mut()) {
+            match op {
+                Append::Outbox { dest, edu } => {
+                    queued.push((
+                        std::mem::take(dest),
+                        outbox::QueuedEdu {
+                            seq,
+                            edu: std::mem::take(edu),
+                        },
+                    ));
+                    seq += 1;
+                }
+                Append::Inbox { .. } | Append::Held { .. } => seq += 1,
+                Append::Mark { .. } => {}
+            }
+        }
+        if !queued.is_empty() {
+            self.tails.committed(queued);
+        }
         self.reserved = reserved;
         self.next = seq;
         self.last_seq.store(seq - 1, Ordering::Release);

@@ -69,12 +69,31 @@ impl Store {
     /// Queues an EDU for `dest` at position `seq` (in `b`).
     pub(crate) fn outbox_push(&self, b: &mut Batch, dest: &str, seq: u64, edu: &[u8]) {
         b.0.put_cf(self.cf(cf::OUTBOX), entry_key(dest, seq), edu);
+        self.tails.forget(dest);
     }
 
     /// The queue head above position `after` (the destination's low-water mark,
     /// [`DestState::acked_seq`]): up to `max_count` EDUs (stopping at `upto_seq` if
     /// given) whose sizes add up to at most `max_bytes`, but always at least one.
+    /// From memory when it holds all of them (`store::tail`), else from the store.
     pub fn outbox_head(
+        &self,
+        dest: &str,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+        upto_seq: Option<u64>,
+    ) -> Result<Vec<QueuedEdu>, StoreError> {
+        if let Some(rows) = self.tails.head(dest, after, max_count, max_bytes, upto_seq) {
+            metrics::counter!("courier_outbox_reads_total", "from" => "memory").increment(1);
+            return Ok(rows);
+        }
+        metrics::counter!("courier_outbox_reads_total", "from" => "store").increment(1);
+        self.outbox_head_stored(dest, after, max_count, max_bytes, upto_seq)
+    }
+
+    /// [`Store::outbox_head`] read from the store.
+    pub(crate) fn outbox_head_stored(
         &self,
         dest: &str,
         after: u64,
@@ -148,16 +167,20 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes the EDUs a destination acknowledged (the transaction it answered 200).
+    /// Removes the EDUs a destination acknowledged (the transaction it answered 200):
+    /// a prefix of its queue above its low-water mark, which rises past them.
     pub fn outbox_ack(&self, b: &mut Batch, dest: &str, acked: &[QueuedEdu]) {
         // Point deletes: one range tombstone per transaction piles up in the memtable,
         // and RocksDB re-fragments them all on every read.
         for e in acked {
             b.0.delete_cf(self.cf(cf::OUTBOX), entry_key(dest, e.seq));
         }
+        if let Some(last) = acked.last() {
+            self.tails.acknowledged(dest, last.seq);
+        }
     }
 
-    /// Moves one EDU out of the queue into `parked`, with the reason (in `b`).
+    /// Moves one EDU, the head of the queue, into `parked`, with the reason (in `b`).
     pub fn outbox_park(&self, b: &mut Batch, dest: &str, edu: &QueuedEdu, reason: &str) {
         let rec = serde_json::json!({
             "reason": reason,
@@ -169,6 +192,7 @@ impl Store {
             serde_json::to_vec(&rec).expect("serializes"),
         );
         b.0.delete_cf(self.cf(cf::OUTBOX), entry_key(dest, edu.seq));
+        self.tails.acknowledged(dest, edu.seq);
     }
 
     pub fn parked_count(&self, dest: &str) -> Result<usize, StoreError> {
@@ -281,6 +305,88 @@ mod tests {
             1,
             "prefix-distinct destinations"
         );
+    }
+
+    fn outbox(dest: &str, n: u8) -> crate::store::Append {
+        crate::store::Append::Outbox {
+            dest: dest.into(),
+            edu: vec![b'e', n],
+        }
+    }
+
+    /// Every way the sender reads its queue gives the same rows from memory as from
+    /// the store, through appends, acknowledgements, a parking and a reopen.
+    #[tokio::test]
+    async fn queue_head_from_memory_is_the_stored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::store::StoreOptions::default();
+        let same = |s: &Store, dest: &str, after: u64, count: usize, upto: Option<u64>| {
+            let stored = s
+                .outbox_head_stored(dest, after, count, 10_000, upto)
+                .unwrap();
+            let memory = s.tails.head(dest, after, count, 10_000, upto);
+            (stored, memory)
+        };
+        let acked = {
+            let s = Store::open(dir.path(), &opts).unwrap();
+            for i in 0..10u8 {
+                s.append(vec![outbox("a.test", i), outbox("b.test", i)])
+                    .await
+                    .unwrap();
+            }
+            let (stored, memory) = same(&s, "a.test", 0, 100, None);
+            assert_eq!(stored.len(), 10);
+            assert_eq!(memory.as_ref(), Some(&stored), "served from memory");
+            let (stored, memory) = same(&s, "a.test", stored[2].seq, 3, Some(stored[7].seq));
+            assert_eq!(stored.len(), 3);
+            assert_eq!(memory, Some(stored));
+            // Acknowledge four, park the fifth.
+            let head = s.outbox_head("a.test", 0, 4, 10_000, None).unwrap();
+            let mut b = Batch::new();
+            s.outbox_ack(&mut b, "a.test", &head);
+            s.commit(b).await.unwrap();
+            let next = s
+                .outbox_head("a.test", head[3].seq, 1, 10_000, None)
+                .unwrap();
+            let mut b = Batch::new();
+            s.outbox_park(&mut b, "a.test", &next[0], "400");
+            s.commit(b).await.unwrap();
+            assert_eq!(
+                same(&s, "a.test", 0, 100, None).1,
+                None,
+                "below what left the queue: only the store answers"
+            );
+            let (stored, memory) = same(&s, "a.test", next[0].seq, 100, None);
+            assert_eq!(stored.len(), 5);
+            assert_eq!(memory, Some(stored));
+            let (stored, memory) = same(&s, "b.test", 0, 100, None);
+            assert_eq!(stored.len(), 10);
+            assert_eq!(memory, Some(stored));
+            next[0].seq
+        };
+        // After a reopen the queued rows are only in the store, then new ones join.
+        let s = Store::open(dir.path(), &opts).unwrap();
+        assert_eq!(same(&s, "a.test", acked, 100, None).1, None);
+        s.append(vec![outbox("a.test", 98)]).await.unwrap();
+        s.append(vec![outbox("a.test", 99)]).await.unwrap();
+        assert_eq!(same(&s, "a.test", acked, 100, None).1, None);
+        let all = s.outbox_head("a.test", acked, 100, 10_000, None).unwrap();
+        assert_eq!(all.len(), 7);
+        assert_eq!(all[6].edu, vec![b'e', 99]);
+        let mut b = Batch::new();
+        s.outbox_ack(&mut b, "a.test", &all[..5]);
+        s.commit(b).await.unwrap();
+        assert_eq!(
+            same(&s, "a.test", all[4].seq, 100, None).1,
+            None,
+            "rows from before the reopen may remain: the store answers"
+        );
+        let mut b = Batch::new();
+        s.outbox_ack(&mut b, "a.test", &all[5..6]);
+        s.commit(b).await.unwrap();
+        let (stored, memory) = same(&s, "a.test", all[5].seq, 100, None);
+        assert_eq!(stored, all[6..]);
+        assert_eq!(memory, Some(stored), "served from memory again");
     }
 
     #[tokio::test]
