@@ -153,7 +153,8 @@ pub struct Federation {
     pub request_timeout: Duration,
     /// EDUs queued for one destination at most; beyond it `sendToDevice` answers 429.
     pub max_queued_per_destination: u64,
-    /// Transactions in flight at once, over all destinations (outbound connections).
+    /// Transactions in flight at once, over all destinations (outbound connections),
+    /// at most: the ceiling of `federation::limit`.
     pub max_concurrent_transactions: usize,
 }
 

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod edu;
 pub mod inbound;
 pub mod keys;
+pub mod limit;
 pub mod retry;
 pub mod routes;
 pub mod sender;
