@@ -53,6 +53,42 @@ pub struct QueuedEdu {
     pub edu: Vec<u8>,
 }
 
+/// The budget of one read of a queue head ([`Store::outbox_head`], from either
+/// source): at most `max_count` rows, none past `upto_seq`, and at most `max_bytes`
+/// in all but always at least one row.
+pub(crate) struct HeadBudget {
+    max_count: usize,
+    max_bytes: usize,
+    upto_seq: Option<u64>,
+    count: usize,
+    bytes: usize,
+}
+
+impl HeadBudget {
+    pub(crate) fn new(max_count: usize, max_bytes: usize, upto_seq: Option<u64>) -> HeadBudget {
+        HeadBudget {
+            max_count,
+            max_bytes,
+            upto_seq,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether the next row (`seq`, `len` bytes) is within the budget; counts it if so.
+    pub(crate) fn take(&mut self, seq: u64, len: usize) -> bool {
+        if self.upto_seq.is_some_and(|u| seq > u) || self.count >= self.max_count {
+            return false;
+        }
+        if self.count > 0 && self.bytes + len > self.max_bytes {
+            return false;
+        }
+        self.count += 1;
+        self.bytes += len;
+        true
+    }
+}
+
 fn dest_prefix(dest: &str) -> Vec<u8> {
     key(&[dest.as_bytes(), b""])
 }
@@ -103,7 +139,7 @@ impl Store {
     ) -> Result<Vec<QueuedEdu>, StoreError> {
         let prefix = dest_prefix(dest);
         let mut out = Vec::new();
-        let mut bytes = 0usize;
+        let mut budget = HeadBudget::new(max_count, max_bytes, upto_seq);
         for item in self.scan_from(
             cf::OUTBOX,
             &prefix,
@@ -114,13 +150,9 @@ impl Store {
                 cf: cf::OUTBOX,
                 detail: "short key".into(),
             })?;
-            if upto_seq.is_some_and(|u| seq > u) || out.len() >= max_count {
+            if !budget.take(seq, v.len()) {
                 break;
             }
-            if !out.is_empty() && bytes + v.len() > max_bytes {
-                break;
-            }
-            bytes += v.len();
             out.push(QueuedEdu {
                 seq,
                 edu: v.into_vec(),

@@ -20,7 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use super::outbox::QueuedEdu;
+use super::outbox::{HeadBudget, QueuedEdu};
 
 /// Bounds of what is kept in memory.
 #[derive(Debug, Clone, Copy)]
@@ -129,19 +129,14 @@ impl Tails {
             return None;
         }
         let start = tail.rows.partition_point(|r| r.seq <= after);
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for row in tail.rows.range(start..) {
-            if upto_seq.is_some_and(|u| row.seq > u) || out.len() >= max_count {
-                break;
-            }
-            if !out.is_empty() && bytes + row.edu.len() > max_bytes {
-                break;
-            }
-            bytes += row.edu.len();
-            out.push(row.clone());
-        }
-        Some(out)
+        let mut budget = HeadBudget::new(max_count, max_bytes, upto_seq);
+        Some(
+            tail.rows
+                .range(start..)
+                .take_while(|r| budget.take(r.seq, r.edu.len()))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Every row of `dest` up to `upto` left the queue (acknowledged or parked; the
