@@ -414,6 +414,8 @@ impl Writer {
         let now = now_ms().to_be_bytes();
         // (column family, key, value), numbered in arrival order...
         let mut rows: Vec<(&'static str, Vec<u8>, &[u8])> = Vec::new();
+        // The numbers of the outbox rows, in the order their ops come (for memory).
+        let mut outbox_seqs: Vec<u64> = Vec::new();
         for req in group.iter() {
             for op in &req.ops {
                 match op {
@@ -427,6 +429,7 @@ impl Writer {
                     }
                     Append::Outbox { dest, edu } => {
                         rows.push((cf::OUTBOX, outbox::entry_key(dest, seq), edu));
+                        outbox_seqs.push(seq);
                         seq += 1;
                     }
                     Append::Held { dir, queue, record } => {
@@ -464,25 +467,17 @@ impl Writer {
         drop(rows);
         // Durable: the outbox rows go to memory, numbered as above, before anyone
         // hears of the commit (the sender is woken only after `append` returns).
-        let mut seq = self.next;
-        let mut queued = Vec::new();
-        for op in group.iter_mut().flat_map(|r| r.ops.iter_mut()) {
-            match op {
-                Append::Outbox { dest, edu } => {
-                    queued.push((
-                        std::mem::take(dest),
-                        outbox::QueuedEdu {
-                            seq,
-                            edu: std::mem::take(edu),
-                        },
-                    ));
-                    seq += 1;
-                }
-                Append::Inbox { .. } | Append::Held { .. } => seq += 1,
-                Append::Mark { .. } => {}
-            }
-        }
-        if !queued.is_empty() {
+        if !outbox_seqs.is_empty() {
+            let outbox_ops = group.iter_mut().flat_map(|r| r.ops.iter_mut());
+            let queued = outbox_ops
+                .filter_map(|op| match op {
+                    Append::Outbox { dest, edu } => {
+                        Some((std::mem::take(dest), std::mem::take(edu)))
+                    }
+                    _ => None,
+                })
+                .zip(outbox_seqs)
+                .map(|((dest, edu), seq)| (dest, outbox::QueuedEdu { seq, edu }));
             self.tails.committed(queued);
         }
         self.reserved = reserved;

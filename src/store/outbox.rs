@@ -55,7 +55,8 @@ pub struct QueuedEdu {
 
 /// The budget of one read of a queue head ([`Store::outbox_head`], from either
 /// source): at most `max_count` rows, none past `upto_seq`, and at most `max_bytes`
-/// in all but always at least one row.
+/// in all but always at least one row. Both sources take it as it is given, fresh.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct HeadBudget {
     max_count: usize,
     max_bytes: usize,
@@ -120,12 +121,13 @@ impl Store {
         max_bytes: usize,
         upto_seq: Option<u64>,
     ) -> Result<Vec<QueuedEdu>, StoreError> {
-        if let Some(rows) = self.tails.head(dest, after, max_count, max_bytes, upto_seq) {
+        let budget = HeadBudget::new(max_count, max_bytes, upto_seq);
+        if let Some(rows) = self.tails.head(dest, after, budget) {
             metrics::counter!("courier_outbox_reads_total", "from" => "memory").increment(1);
             return Ok(rows);
         }
         metrics::counter!("courier_outbox_reads_total", "from" => "store").increment(1);
-        self.outbox_head_stored(dest, after, max_count, max_bytes, upto_seq)
+        self.outbox_head_stored(dest, after, budget)
     }
 
     /// [`Store::outbox_head`] read from the store.
@@ -133,13 +135,10 @@ impl Store {
         &self,
         dest: &str,
         after: u64,
-        max_count: usize,
-        max_bytes: usize,
-        upto_seq: Option<u64>,
+        mut budget: HeadBudget,
     ) -> Result<Vec<QueuedEdu>, StoreError> {
         let prefix = dest_prefix(dest);
         let mut out = Vec::new();
-        let mut budget = HeadBudget::new(max_count, max_bytes, upto_seq);
         for item in self.scan_from(
             cf::OUTBOX,
             &prefix,
@@ -353,10 +352,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = crate::store::StoreOptions::default();
         let same = |s: &Store, dest: &str, after: u64, count: usize, upto: Option<u64>| {
-            let stored = s
-                .outbox_head_stored(dest, after, count, 10_000, upto)
-                .unwrap();
-            let memory = s.tails.head(dest, after, count, 10_000, upto);
+            let budget = HeadBudget::new(count, 10_000, upto);
+            let stored = s.outbox_head_stored(dest, after, budget).unwrap();
+            let memory = s.tails.head(dest, after, budget);
             (stored, memory)
         };
         let acked = {

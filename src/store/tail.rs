@@ -111,15 +111,13 @@ impl Tails {
         }
     }
 
-    /// The queue head above `after`, with the budget rules of `Store::outbox_head`;
+    /// The queue head above `after`, within `budget` (see `Store::outbox_head`);
     /// `None` when memory does not hold all of it.
     pub(crate) fn head(
         &self,
         dest: &str,
         after: u64,
-        max_count: usize,
-        max_bytes: usize,
-        upto_seq: Option<u64>,
+        mut budget: HeadBudget,
     ) -> Option<Vec<QueuedEdu>> {
         let inner = self.inner.lock().expect("tails");
         let Some(tail) = inner.dests.get(dest) else {
@@ -129,7 +127,6 @@ impl Tails {
             return None;
         }
         let start = tail.rows.partition_point(|r| r.seq <= after);
-        let mut budget = HeadBudget::new(max_count, max_bytes, upto_seq);
         Some(
             tail.rows
                 .range(start..)
@@ -295,7 +292,7 @@ mod tests {
                     let upto = (rng.below(4) == 0).then(|| after + rng.below(40));
                     let want = model.head(d, after, count, budget, upto);
                     reads += 1;
-                    if let Some(got) = tails.head(d, after, count, budget, upto) {
+                    if let Some(got) = tails.head(d, after, HeadBudget::new(count, budget, upto)) {
                         served += 1;
                         assert_eq!(got, want, "seed {seed}: {d} after {after}");
                     }
@@ -349,28 +346,55 @@ mod tests {
             )
         };
         tails.committed((1..=4).map(row));
-        assert_eq!(tails.head("d", 0, 10, 1000, None).unwrap().len(), 4);
+        assert_eq!(
+            tails
+                .head("d", 0, HeadBudget::new(10, 1000, None))
+                .unwrap()
+                .len(),
+            4
+        );
         assert_eq!(tails.bytes(), 40);
         tails.committed([row(5)]);
         assert_eq!(tails.bytes(), 0, "over the bound: dropped");
-        assert!(tails.head("d", 0, 10, 1000, None).is_none());
-        assert!(tails.head("d", 4, 10, 1000, None).is_none());
+        assert!(
+            tails
+                .head("d", 0, HeadBudget::new(10, 1000, None))
+                .is_none()
+        );
+        assert!(
+            tails
+                .head("d", 4, HeadBudget::new(10, 1000, None))
+                .is_none()
+        );
         tails.committed([row(6)]);
         assert_eq!(
-            tails.head("d", 5, 10, 1000, None).unwrap()[0].seq,
+            tails.head("d", 5, HeadBudget::new(10, 1000, None)).unwrap()[0].seq,
             6,
             "complete again above what was dropped"
         );
         tails.acknowledged("d", 6);
         assert_eq!(tails.bytes(), 0);
-        assert!(tails.head("d", 5, 10, 1000, None).is_none());
-        assert_eq!(tails.head("d", 6, 10, 1000, None).unwrap(), vec![]);
+        assert!(
+            tails
+                .head("d", 5, HeadBudget::new(10, 1000, None))
+                .is_none()
+        );
         assert_eq!(
-            tails.head("other", 0, 10, 1000, None).unwrap(),
+            tails.head("d", 6, HeadBudget::new(10, 1000, None)).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            tails
+                .head("other", 0, HeadBudget::new(10, 1000, None))
+                .unwrap(),
             vec![],
             "nothing committed for it since the start"
         );
         tails.forget("d");
-        assert!(tails.head("d", 6, 10, 1000, None).is_none());
+        assert!(
+            tails
+                .head("d", 6, HeadBudget::new(10, 1000, None))
+                .is_none()
+        );
     }
 }
