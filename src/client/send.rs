@@ -32,13 +32,13 @@ use axum::extract::{Extension, Path, State};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::auth::Device;
 use crate::app::App;
 use crate::error::ApiError;
-use crate::federation::edu::pack_to_device;
+use crate::federation::edu::{Messages, pack_to_device};
 use crate::ids::{UserId, valid_device_id};
 use crate::store::dedupe::Marker;
 use crate::store::{Append, Store, StoreError};
@@ -182,9 +182,9 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
 #[derive(Debug, Default)]
 pub struct Request {
     /// Our users: user -> (device or `*`, serialized content), in key order.
-    pub local: BTreeMap<String, Vec<(String, Box<RawValue>)>>,
-    /// Other servers: server name -> user -> device (or `*`) -> content.
-    pub remote: BTreeMap<String, Map<String, Value>>,
+    pub local: Messages,
+    /// Other servers: server name -> the same, for that server's users.
+    pub remote: BTreeMap<String, Messages>,
 }
 
 /// Checks a request body and splits it between `our_server`'s users and the others.
@@ -208,7 +208,7 @@ pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<
             )));
         };
         let local = uid.server_name() == our_server;
-        let mut local_devices = Vec::new();
+        let mut parsed = Vec::with_capacity(devices.len());
         for (device, content) in &devices {
             if device != "*" && !valid_device_id(device) {
                 return Err(ApiError::invalid_param(format!(
@@ -227,17 +227,15 @@ pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<
                     "the message for {user} / {device} is {size} bytes; the limit is {max_message_bytes}"
                 )));
             }
-            if local {
-                local_devices.push((device.clone(), raw));
-            }
+            parsed.push((device.clone(), raw));
         }
         if local {
-            out.local.insert(user, local_devices);
+            out.local.insert(user, parsed);
         } else {
             out.remote
                 .entry(uid.server_name().to_owned())
                 .or_default()
-                .insert(user, Value::Object(devices));
+                .insert(user, parsed);
         }
     }
     Ok(out)
@@ -258,7 +256,7 @@ pub fn local_deliveries(
     store: &Store,
     sender: &str,
     event_type: &str,
-    local: &BTreeMap<String, Vec<(String, Box<RawValue>)>>,
+    local: &Messages,
 ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
     let event = |content: &RawValue| {
         serde_json::to_vec(&LocalEvent {

@@ -13,6 +13,9 @@
 //! destination fed by many small requests is carried in fewer, fuller transactions.
 //! No device's messages are ever reordered. This module does no I/O.
 
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 pub const DIRECT_TO_DEVICE: &str = "m.direct_to_device";
@@ -31,60 +34,79 @@ pub fn new_message_id() -> String {
         .collect()
 }
 
-/// Serialized `m.direct_to_device` EDUs carrying `messages` (user -> device -> content)
-/// from `sender`, packed so each stays under `SOFT_MAX_EDU_BYTES` where it can.
-pub fn pack_to_device(
-    sender: &str,
-    event_type: &str,
-    messages: &Map<String, Value>,
-) -> Vec<Vec<u8>> {
-    // Flatten into (user, device, content, size) units, in order.
-    let mut units: Vec<(&str, &str, &Value, usize)> = Vec::new();
-    for (user, devices) in messages {
-        if let Some(devices) = devices.as_object() {
-            for (device, content) in devices {
-                let size = serde_json::to_vec(content).map(|v| v.len()).unwrap_or(0)
-                    + user.len()
-                    + device.len()
-                    + 16;
-                units.push((user, device, content, size));
-            }
-        }
-    }
+/// A client request's messages for one server: user -> `[(device or "*", content)]`,
+/// users in key order and each user's devices in key order, every content as the
+/// compact JSON `serde_json` writes for it (keys sorted).
+pub type Messages = BTreeMap<String, Vec<(String, Box<RawValue>)>>;
+
+/// Serialized `m.direct_to_device` EDUs carrying `messages` from `sender`, packed so
+/// each stays under `SOFT_MAX_EDU_BYTES` where it can. The bytes are written directly,
+/// contents as they are: exactly what `serde_json` writes for the EDU as a tree (keys
+/// in order, compact), without building one.
+pub fn pack_to_device(sender: &str, event_type: &str, messages: &Messages) -> Vec<Vec<u8>> {
     let overhead = sender.len() + event_type.len() + 128;
     let mut out = Vec::new();
-    let mut current: Map<String, Value> = Map::new();
+    let mut current: Vec<(&str, &str, &RawValue)> = Vec::new();
     let mut current_size = overhead;
-    let flush = |current: &mut Map<String, Value>, out: &mut Vec<Vec<u8>>| {
-        if current.is_empty() {
-            return;
-        }
-        let edu = json!({
-            "edu_type": DIRECT_TO_DEVICE,
-            "content": {
-                "sender": sender,
-                "type": event_type,
-                "message_id": new_message_id(),
-                "messages": std::mem::take(current),
+    for (user, devices) in messages {
+        for (device, content) in devices {
+            let size = content.get().len() + user.len() + device.len() + 16;
+            if current_size + size > SOFT_MAX_EDU_BYTES && !current.is_empty() {
+                out.push(write_to_device(sender, event_type, &current));
+                current.clear();
+                current_size = overhead;
             }
-        });
-        out.push(serde_json::to_vec(&edu).expect("a Value serializes"));
-    };
-    for (user, device, content, size) in units {
-        if current_size + size > SOFT_MAX_EDU_BYTES && !current.is_empty() {
-            flush(&mut current, &mut out);
-            current_size = overhead;
+            current.push((user, device, content));
+            current_size += size;
         }
-        current
-            .entry(user.to_owned())
-            .or_insert_with(|| Value::Object(Map::new()))
-            .as_object_mut()
-            .expect("inserted as object")
-            .insert(device.to_owned(), content.clone());
-        current_size += size;
     }
-    flush(&mut current, &mut out);
+    if !current.is_empty() {
+        out.push(write_to_device(sender, event_type, &current));
+    }
     out
+}
+
+/// One EDU for `units` (`(user, device, content)`, grouped by user, in order) under a
+/// fresh `message_id`.
+fn write_to_device(sender: &str, event_type: &str, units: &[(&str, &str, &RawValue)]) -> Vec<u8> {
+    let body: usize = units
+        .iter()
+        .map(|(u, d, c)| u.len() + d.len() + c.get().len() + 8)
+        .sum();
+    let mut w = Vec::with_capacity(body + sender.len() + event_type.len() + 128);
+    let string = |w: &mut Vec<u8>, s: &str| {
+        serde_json::to_writer(&mut *w, s).expect("writing a string to a Vec cannot fail");
+    };
+    w.extend_from_slice(b"{\"content\":{\"message_id\":");
+    string(&mut w, &new_message_id());
+    w.extend_from_slice(b",\"messages\":{");
+    let mut user_open: Option<&str> = None;
+    for (user, device, content) in units {
+        if user_open == Some(*user) {
+            w.push(b',');
+        } else {
+            if user_open.is_some() {
+                w.extend_from_slice(b"},");
+            }
+            string(&mut w, user);
+            w.extend_from_slice(b":{");
+            user_open = Some(user);
+        }
+        string(&mut w, device);
+        w.push(b':');
+        w.extend_from_slice(content.get().as_bytes());
+    }
+    if user_open.is_some() {
+        w.push(b'}');
+    }
+    w.extend_from_slice(b"},\"sender\":");
+    string(&mut w, sender);
+    w.extend_from_slice(b",\"type\":");
+    string(&mut w, event_type);
+    w.extend_from_slice(b"},\"edu_type\":\"");
+    w.extend_from_slice(DIRECT_TO_DEVICE.as_bytes());
+    w.extend_from_slice(b"\"}");
+    w
 }
 
 /// What coalescing needs to know of a queued EDU.
@@ -358,14 +380,12 @@ pub fn parse_to_device<'a>(edu: &'a Value, origin: &str) -> Result<ToDevice<'a>,
 /// `content` to each `(user, device)` of `to` (tests of coalescing).
 #[cfg(test)]
 pub(crate) fn queued_row(sender: &str, to: &[(&str, &str)], content: Value) -> Vec<u8> {
-    let mut messages = Map::new();
+    let raw = serde_json::value::to_raw_value(&content).expect("a Value serializes");
+    let mut messages = Messages::new();
     for (u, d) in to {
-        messages
-            .entry(u.to_string())
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .expect("an object")
-            .insert(d.to_string(), content.clone());
+        let devices = messages.entry(u.to_string()).or_default();
+        devices.push((d.to_string(), raw.clone()));
+        devices.sort_by(|a, b| a.0.cmp(&b.0));
     }
     pack_to_device(sender, "m.t", &messages).remove(0)
 }
@@ -386,6 +406,57 @@ mod tests {
         m
     }
 
+    /// `messages` as a client request's parse hands them over.
+    fn raw(m: &Map<String, Value>) -> Messages {
+        m.iter()
+            .map(|(u, devs)| {
+                let devs = devs
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(d, c)| (d.clone(), serde_json::value::to_raw_value(c).unwrap()))
+                    .collect();
+                (u.clone(), devs)
+            })
+            .collect()
+    }
+
+    /// The EDU `pack_to_device` writes, built as a tree and serialized (what it wrote
+    /// before it wrote the bytes itself), with the `message_id` it chose.
+    fn as_tree(sender: &str, ty: &str, edu: &[u8]) -> Vec<u8> {
+        let v: Value = serde_json::from_slice(edu).unwrap();
+        let tree = json!({
+            "edu_type": DIRECT_TO_DEVICE,
+            "content": {
+                "sender": sender,
+                "type": ty,
+                "message_id": v["content"]["message_id"],
+                "messages": v["content"]["messages"],
+            }
+        });
+        serde_json::to_vec(&tree).unwrap()
+    }
+
+    #[test]
+    fn written_edus_are_the_bytes_of_their_tree() {
+        let mut m = messages(3, 4, 30_000);
+        m.insert(
+            "@q\"uote\\:b.test".into(),
+            json!({"D\u{1}\u{e9}": {"k": "\u{2028}\n", "a": [1, 2.5, null, {"z": 1, "b": true}]}}),
+        );
+        let (sender, ty) = ("@s\"x:a.test", "m.t\u{7f}\u{1f}");
+        let edus = pack_to_device(sender, ty, &raw(&m));
+        assert!(edus.len() > 2, "split under the soft limit");
+        for e in &edus {
+            assert_eq!(
+                String::from_utf8_lossy(e),
+                String::from_utf8_lossy(&as_tree(sender, ty, e))
+            );
+        }
+        assert_eq!(count(&edus), 13);
+        assert!(pack_to_device(sender, ty, &Messages::new()).is_empty());
+    }
+
     fn count(edus: &[Vec<u8>]) -> usize {
         edus.iter()
             .map(|e| {
@@ -402,7 +473,7 @@ mod tests {
 
     #[test]
     fn small_fan_out_is_one_edu() {
-        let edus = pack_to_device("@a:a.test", "m.t", &messages(3, 2, 10));
+        let edus = pack_to_device("@a:a.test", "m.t", &raw(&messages(3, 2, 10)));
         assert_eq!(edus.len(), 1);
         let v: Value = serde_json::from_slice(&edus[0]).unwrap();
         assert_eq!(v["edu_type"], DIRECT_TO_DEVICE);
@@ -412,7 +483,7 @@ mod tests {
 
     #[test]
     fn big_fan_out_is_split_under_the_soft_limit_losing_nothing() {
-        let edus = pack_to_device("@a:a.test", "m.t", &messages(10, 10, 2000));
+        let edus = pack_to_device("@a:a.test", "m.t", &raw(&messages(10, 10, 2000)));
         assert!(edus.len() > 1);
         assert!(edus.iter().all(|e| e.len() <= SOFT_MAX_EDU_BYTES));
         assert_eq!(count(&edus), 100);
@@ -435,7 +506,7 @@ mod tests {
             "@big:b.test".into(),
             json!({"D": {"body": "y".repeat(100_000)}}),
         );
-        let edus = pack_to_device("@a:a.test", "m.t", &m);
+        let edus = pack_to_device("@a:a.test", "m.t", &raw(&m));
         assert_eq!(edus.len(), 2);
         assert_eq!(count(&edus), 2);
     }
@@ -583,7 +654,7 @@ mod tests {
             .map(|i| {
                 let mut m = Map::new();
                 m.insert("@b:y".into(), json!({ format!("D{i}"): {"pad": big} }));
-                pack_to_device("@a:x", "m.t", &m).remove(0)
+                pack_to_device("@a:x", "m.t", &raw(&m)).remove(0)
             })
             .collect();
         let peeks: Vec<_> = rows.iter().map(|r| peek(r)).collect();
@@ -642,7 +713,7 @@ mod tests {
                 messages.insert(u.clone(), Value::Object(d));
             }
             let mut got = std::collections::BTreeSet::new();
-            for e in pack_to_device("@s:a.test", "m.t", &messages) {
+            for e in pack_to_device("@s:a.test", "m.t", &raw(&messages)) {
                 let v: Value = serde_json::from_slice(&e).unwrap();
                 let td = parse_to_device(&v, "a.test").unwrap();
                 for (u, devs) in td.messages {

@@ -6,7 +6,8 @@
 //! - `tokens`:  `sha256(access_token)` -> `user_id \0 device_id`
 //!
 //! Tokens are stored hashed: a copy of the store does not let anyone sign in. Deleting
-//! a device deletes its token and its inbox in the same batch. This module never
+//! a device deletes its token and its inbox in the same batch. The owners of tokens
+//! in use are kept in memory ([`TokenCache`]), forgotten at every change. This module never
 //! decides who may do what: the admin API does.
 
 use rand::RngExt;
@@ -38,8 +39,68 @@ pub struct DeviceInfo {
 
 /// Hex SHA-256 of an access token.
 pub fn hash_token(token: &str) -> String {
-    let d = Sha256::digest(token.as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&token_digest(token))
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+/// Owners of the access tokens used lately, so authenticating a request is a hash
+/// and a map lookup rather than a read of the tokens column family. Only tokens that
+/// exist are kept (an unknown one is read each time: nobody can fill memory with
+/// guesses), at most `TOKEN_CACHE_ENTRIES`, then it starts over.
+///
+/// Every change to the tokens column family calls [`TokenCache::changed`] after its
+/// commit. A lookup that missed may fill in what it read only if no change completed
+/// since it began (`generation`): a read from before a revocation never outlives it.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    inner: std::sync::Mutex<TokenCacheInner>,
+}
+
+#[derive(Default)]
+struct TokenCacheInner {
+    generation: u64,
+    owners: std::collections::HashMap<[u8; 32], (String, String)>,
+}
+
+const TOKEN_CACHE_ENTRIES: usize = 65_536;
+
+impl TokenCache {
+    /// The cached owner of `digest`, or the generation a fill must match.
+    fn get(&self, digest: &[u8; 32]) -> Result<(String, String), u64> {
+        let g = self.inner.lock().expect("token cache");
+        g.owners.get(digest).cloned().ok_or(g.generation)
+    }
+
+    fn fill(&self, generation: u64, digest: [u8; 32], owner: &(String, String)) {
+        let mut g = self.inner.lock().expect("token cache");
+        if g.generation != generation {
+            return;
+        }
+        if g.owners.len() >= TOKEN_CACHE_ENTRIES {
+            g.owners.clear();
+        }
+        g.owners.insert(digest, owner.clone());
+    }
+
+    /// Forgets everything: a token was added, replaced or deleted.
+    fn changed(&self) {
+        let mut g = self.inner.lock().expect("token cache");
+        g.generation += 1;
+        g.owners.clear();
+    }
 }
 
 /// A fresh random token: 256 bits, URL-safe.
@@ -141,7 +202,9 @@ impl Store {
             serde_json::to_vec(&rec).expect("serializes"),
         );
         b.0.put_cf(self.cf(cf::TOKENS), token_hash.as_bytes(), &dk);
-        self.commit(b).await?;
+        let committed = self.commit(b).await;
+        self.tokens.changed();
+        committed?;
         Ok(token)
     }
 
@@ -155,7 +218,9 @@ impl Store {
         b.0.delete_cf(self.cf(cf::DEVICES), &dk);
         b.0.delete_cf(self.cf(cf::TOKENS), rec.token_hash.as_bytes());
         self.inbox_delete_all(&mut b, user, device);
-        self.commit(b).await?;
+        let committed = self.commit(b).await;
+        self.tokens.changed();
+        committed?;
         Ok(true)
     }
 
@@ -227,7 +292,12 @@ impl Store {
 
     /// Who owns `token`: `(user_id, device_id)`.
     pub fn token_owner(&self, token: &str) -> Result<Option<(String, String)>, StoreError> {
-        let h = hash_token(token);
+        let digest = token_digest(token);
+        let generation = match self.tokens.get(&digest) {
+            Ok(owner) => return Ok(Some(owner)),
+            Err(generation) => generation,
+        };
+        let h = hex(&digest);
         let Some(v) = self.db().get_pinned_cf(self.cf(cf::TOKENS), h.as_bytes())? else {
             return Ok(None);
         };
@@ -235,10 +305,12 @@ impl Store {
             .iter()
             .position(|&b| b == 0)
             .ok_or_else(|| corrupt(cf::TOKENS, "no separator"))?;
-        Ok(Some((
+        let owner = (
             String::from_utf8_lossy(&v[..i]).into_owned(),
             String::from_utf8_lossy(&v[i + 1..]).into_owned(),
-        )))
+        );
+        self.tokens.fill(generation, digest, &owner);
+        Ok(Some(owner))
     }
 
     /// Iterates the keys of `cf_name` that start with `prefix`.
@@ -274,6 +346,31 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::super::temp_store;
+    use super::*;
+
+    #[test]
+    fn hex_of_a_digest_is_lowercase_pairs() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn a_read_from_before_a_change_is_not_kept() {
+        let c = TokenCache::default();
+        let owner = ("@a:x".to_owned(), "D".to_owned());
+        let before = c.get(&[1; 32]).unwrap_err();
+        c.changed(); // the token was revoked while the read was under way
+        c.fill(before, [1; 32], &owner);
+        assert!(c.get(&[1; 32]).is_err(), "the stale read was dropped");
+        let now = c.get(&[1; 32]).unwrap_err();
+        c.fill(now, [1; 32], &owner);
+        assert_eq!(c.get(&[1; 32]), Ok(owner));
+        c.changed();
+        assert!(c.get(&[1; 32]).is_err(), "a change forgets every owner");
+    }
 
     #[tokio::test]
     async fn devices_tokens_and_deletion() {
@@ -297,6 +394,7 @@ mod tests {
         let t1b = s.add_device("@a:x", "D1").await.unwrap();
         assert_eq!(s.token_owner(&t1).unwrap(), None);
         assert!(s.token_owner(&t1b).unwrap().is_some());
+        assert!(s.token_owner(&t2).unwrap().is_some(), "now in memory");
         assert!(s.delete_device("@a:x", "D2").await.unwrap());
         assert!(!s.delete_device("@a:x", "D2").await.unwrap());
         assert_eq!(s.token_owner(&t2).unwrap(), None);

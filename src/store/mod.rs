@@ -146,6 +146,8 @@ pub struct Store {
     last_seq: Arc<AtomicU64>,
     /// The newest outbox rows of each destination, in memory (see `store::tail`).
     tails: Arc<tail::Tails>,
+    /// Owners of access tokens in use (see `store::accounts`).
+    tokens: Arc<accounts::TokenCache>,
 }
 
 /// One write that consumes a sequence number (or rides along with those that do),
@@ -266,6 +268,7 @@ impl Store {
             }),
             last_seq,
             tails,
+            tokens: Arc::default(),
         })
     }
 
