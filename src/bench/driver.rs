@@ -13,9 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http::Method;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::conn::Conn;
 use super::histogram::Histogram;
 use super::node::Device;
 
@@ -161,37 +164,31 @@ impl Shared {
     }
 }
 
-fn send_url(base: &str, ty: &str, txn: &str) -> String {
-    format!("{base}/_matrix/client/v3/sendToDevice/{ty}/{txn}")
-}
-
-/// One `sendToDevice`, retransmitted with the same txnId on errors; true once 200.
+/// One `sendToDevice` on `conn` (the sending device's), retransmitted with the same
+/// txnId on errors; true once 200.
 async fn put_to_device(
-    http: &reqwest::Client,
-    from: &Device,
+    conn: &mut Conn,
     ty: &str,
     txn: &str,
     body: String,
     shared: &Shared,
 ) -> bool {
-    let url = send_url(&from.base, ty, txn);
+    let path = format!("/_matrix/client/v3/sendToDevice/{ty}/{txn}");
+    let body = Bytes::from(body);
     for attempt in 1..=SEND_ATTEMPTS {
-        let r = http
-            .put(&url)
-            .bearer_auth(&from.token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .timeout(Duration::from_secs(60))
-            .send()
+        let r = conn
+            .call(
+                Method::PUT,
+                &path,
+                Some(body.clone()),
+                Duration::from_secs(60),
+            )
             .await;
         let wait = match r {
-            Ok(r) if r.status().is_success() => {
-                let _ = r.bytes().await;
-                return true;
-            }
+            Ok(r) if r.status.is_success() => return true,
             Ok(r) => {
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
+                let status = r.status;
+                let text = String::from_utf8_lossy(&r.body);
                 shared.note_error(format!("sendToDevice: {status} {text}"));
                 if status.as_u16() == 429 {
                     serde_json::from_str::<serde_json::Value>(&text)
@@ -213,13 +210,16 @@ async fn put_to_device(
     false
 }
 
-/// A sender: takes the next id until the plan says stop, one request at a time.
-pub async fn send_loop(
-    http: reqwest::Client,
-    from: Device,
-    plan: Arc<SendPlan>,
-    shared: Arc<Shared>,
-) {
+/// A sender: takes the next id until the plan says stop, one request at a time on
+/// a connection of its own.
+pub async fn send_loop(from: Device, plan: Arc<SendPlan>, shared: Arc<Shared>) {
+    let mut conn = match Conn::for_device(&from) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.note_error(e);
+            return;
+        }
+    };
     loop {
         if plan.deadline.is_some_and(|d| Instant::now() >= d) {
             return;
@@ -239,7 +239,7 @@ pub async fn send_loop(
             .first_send_us
             .fetch_min(shared.since_epoch_us(), Ordering::Relaxed);
         let body = plan.body(n, unix_us());
-        if put_to_device(&http, &from, BENCH_TYPE, &format!("b{n}"), body, &shared).await {
+        if put_to_device(&mut conn, BENCH_TYPE, &format!("b{n}"), body, &shared).await {
             shared.sent.fetch_add(1, Ordering::Relaxed);
             shared
                 .last_send_us
@@ -250,10 +250,9 @@ pub async fn send_loop(
     }
 }
 
-/// Sends one unmeasured message (warm-up, poke); true once accepted.
+/// Sends one unmeasured message (warm-up, poke) on `conn`; true once accepted.
 pub async fn send_one(
-    http: &reqwest::Client,
-    from: &Device,
+    conn: &mut Conn,
     ty: &str,
     txn: &str,
     to_user: &str,
@@ -264,14 +263,13 @@ pub async fn send_one(
         "{{\"messages\":{{\"{to_user}\":{{\"{to_device}\":{{\"at\":{}}}}}}}}}",
         unix_us()
     );
-    put_to_device(http, from, ty, txn, body, shared).await
+    put_to_device(conn, ty, txn, body, shared).await
 }
 
-/// Sends one unmeasured message to the first device of every target, in one request;
-/// true once accepted.
+/// Sends one unmeasured message to the first device of every target, in one request
+/// on `conn`; true once accepted.
 pub async fn send_to_all(
-    http: &reqwest::Client,
-    from: &Device,
+    conn: &mut Conn,
     ty: &str,
     txn: &str,
     targets: &[Target],
@@ -286,7 +284,7 @@ pub async fn send_to_all(
         })
         .collect();
     let body = format!("{{\"messages\":{{{}}}}}", messages.join(","));
-    put_to_device(http, from, ty, txn, body, shared).await
+    put_to_device(conn, ty, txn, body, shared).await
 }
 
 #[derive(Deserialize)]
@@ -324,30 +322,30 @@ pub struct SyncPage {
     pub events: Vec<(String, Option<u64>, Option<u64>)>,
 }
 
-/// One `/sync`; `Err` with a reason on anything but a parsable 200.
+/// One `/sync` on `conn` (the syncing device's); `Err` with a reason on anything but
+/// a parsable 200.
 pub async fn sync_once(
-    http: &reqwest::Client,
-    dev: &Device,
+    conn: &mut Conn,
     since: Option<&str>,
     timeout_ms: u64,
 ) -> Result<SyncPage, String> {
-    let mut url = format!("{}/_matrix/client/v3/sync?timeout={timeout_ms}", dev.base);
+    let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
     if let Some(s) = since {
-        url.push_str("&since=");
-        url.push_str(
+        path.push_str("&since=");
+        path.push_str(
             &percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
                 .to_string(),
         );
     }
-    let r = http
-        .get(&url)
-        .bearer_auth(&dev.token)
-        .timeout(Duration::from_millis(timeout_ms) + Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = r.status();
-    let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+    let r = conn
+        .call(
+            Method::GET,
+            &path,
+            None,
+            Duration::from_millis(timeout_ms) + Duration::from_secs(30),
+        )
+        .await?;
+    let (status, bytes) = (r.status, r.body);
     if !status.is_success() {
         return Err(format!(
             "sync: {status} {}",
@@ -374,23 +372,23 @@ pub async fn sync_once(
 /// Syncs `dev` until an event of type `ty` arrived (then acknowledges it) or
 /// `within` passed; returns the token to continue from.
 pub async fn sync_until_type(
-    http: &reqwest::Client,
     dev: &Device,
     since: Option<String>,
     ty: &str,
     within: Duration,
 ) -> Result<Option<String>, String> {
+    let mut conn = Conn::for_device(dev)?;
     let deadline = Instant::now() + within;
     let mut since = since;
     let mut last_err = String::new();
     while Instant::now() < deadline {
-        match sync_once(http, dev, since.as_deref(), 2_000).await {
+        match sync_once(&mut conn, since.as_deref(), 2_000).await {
             Ok(page) => {
                 let found = page.events.iter().any(|(t, _, _)| t == ty);
                 since = Some(page.next_batch);
                 if found {
                     // Acknowledge it at once.
-                    if let Ok(p) = sync_once(http, dev, since.as_deref(), 0).await {
+                    if let Ok(p) = sync_once(&mut conn, since.as_deref(), 0).await {
                         since = Some(p.next_batch);
                     }
                     return Ok(since);
@@ -418,9 +416,9 @@ pub struct Received {
     pub since: Option<String>,
 }
 
-/// A receiver: long-polls until `stop` says so, then acknowledges what it got.
+/// A receiver: long-polls on a connection of its own until `stop` says so, then
+/// acknowledges what it got.
 pub async fn receive_loop(
-    http: reqwest::Client,
     dev: Device,
     since: Option<String>,
     shared: Arc<Shared>,
@@ -431,12 +429,19 @@ pub async fn receive_loop(
         ..Received::default()
     };
     let mut seen: Vec<u64> = Vec::new();
+    let mut conn = match Conn::for_device(&dev) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.note_error(e);
+            return out;
+        }
+    };
     loop {
         if *stop.borrow() {
             break;
         }
         let page = tokio::select! {
-            r = sync_once(&http, &dev, out.since.as_deref(), SYNC_TIMEOUT_MS) => r,
+            r = sync_once(&mut conn, out.since.as_deref(), SYNC_TIMEOUT_MS) => r,
             _ = stop.changed() => break,
         };
         let page = match page {
@@ -477,7 +482,7 @@ pub async fn receive_loop(
     // Acknowledge the last page: nothing we saw may stay on the server.
     if let Some(s) = out.since.clone() {
         for _ in 0..3 {
-            match sync_once(&http, &dev, Some(&s), 0).await {
+            match sync_once(&mut conn, Some(&s), 0).await {
                 Ok(page) => {
                     if page.events.is_empty() {
                         out.since = Some(page.next_batch);

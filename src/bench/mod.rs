@@ -21,6 +21,7 @@
 //! running or a scratch folder behind (also on error or Ctrl-C), never send traffic
 //! anywhere but 127.0.0.1, and never write anything but the report to stdout.
 
+pub mod conn;
 pub mod destinations;
 pub mod driver;
 pub mod histogram;
@@ -36,6 +37,7 @@ use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use conn::Conn;
 use destinations::Destinations;
 use driver::{Received, SendPlan, Shared, Target};
 use node::{Device, Node, Scratch, SynapseEnv};
@@ -497,14 +499,15 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     progress.set("warming up", Goal::None);
     for (dev, since) in &mut receivers {
         *since = Some(
-            driver::sync_once(http, dev, None, 0)
+            driver::sync_once(&mut Conn::for_device(dev).map_err(|e| anyhow!(e))?, None, 0)
                 .await
                 .map_err(|e| anyhow!("first sync of {} failed: {e}", dev.device_id))?
                 .next_batch,
         );
     }
+    let mut sender_conn = Conn::for_device(&senders[0]).map_err(|e| anyhow!(e))?;
     let mut sender_since = Some(
-        driver::sync_once(http, &senders[0], None, 0)
+        driver::sync_once(&mut sender_conn, None, 0)
             .await
             .map_err(|e| anyhow!("first sync of the sender failed: {e}"))?
             .next_batch,
@@ -512,8 +515,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     if let Some(sim) = &rig.sim {
         // One request to every simulated destination: opens A's connections.
         let ok = driver::send_to_all(
-            http,
-            &senders[0],
+            &mut sender_conn,
             driver::WARMUP_TYPE,
             "w",
             &targets,
@@ -539,8 +541,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     }
     for (j, target) in targets.iter().enumerate().take(rig.bs.len()) {
         let ok = driver::send_one(
-            http,
-            &senders[0],
+            &mut sender_conn,
             driver::WARMUP_TYPE,
             &format!("w{j}"),
             &target.user_id,
@@ -553,7 +554,6 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         }
         let (dev, since) = &mut receivers[j * per_dest];
         *since = driver::sync_until_type(
-            http,
             dev,
             since.take(),
             driver::WARMUP_TYPE,
@@ -605,7 +605,6 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             .iter()
             .map(|(dev, since)| {
                 tokio::spawn(driver::receive_loop(
-                    http.clone(),
                     dev.clone(),
                     since.clone(),
                     shared.clone(),
@@ -620,7 +619,6 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         let tasks: Vec<_> = (0..o.concurrency)
             .map(|i| {
                 tokio::spawn(driver::send_loop(
-                    http.clone(),
                     senders[i % senders.len()].clone(),
                     plan.clone(),
                     shared.clone(),
@@ -654,9 +652,11 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         // life, the restarted server talks first.
         for (j, _) in rig.bs.iter().enumerate() {
             let (dev, _) = &receivers[j * per_dest];
+            let Ok(mut conn) = Conn::for_device(dev) else {
+                continue;
+            };
             let _ = driver::send_one(
-                http,
-                dev,
+                &mut conn,
                 driver::POKE_TYPE,
                 "poke",
                 &senders[0].user_id,
@@ -698,7 +698,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     if o.scenario == Scenario::Backlog {
         // Acknowledge the pokes on A, so its store can empty too.
         for _ in 0..2 {
-            if let Ok(p) = driver::sync_once(http, &senders[0], sender_since.as_deref(), 0).await {
+            if let Ok(p) = driver::sync_once(&mut sender_conn, sender_since.as_deref(), 0).await {
                 sender_since = Some(p.next_batch);
             }
         }
