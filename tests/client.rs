@@ -470,7 +470,7 @@ async fn deleting_a_device_deletes_its_token_and_inbox() {
     let api = Api::new(&c);
     let alice = api.device("alice", "A1").await;
     let b1 = api.device("bob", "B1").await;
-    let _b2 = api.device("bob", "B2").await;
+    let b2 = api.device("bob", "B2").await;
     api.send(
         &alice,
         "m.test",
@@ -478,8 +478,29 @@ async fn deleting_a_device_deletes_its_token_and_inbox() {
         json!({ &b1.user_id: {"*": {"n": 1}} }),
     )
     .await;
+    // The token works (and its owner is now held in memory)...
+    let whoami = |token: String| {
+        let api = &api;
+        async move {
+            api.call(
+                Method::GET,
+                "/_matrix/client/v3/account/whoami",
+                Some(&token),
+                None,
+            )
+            .await
+        }
+    };
+    assert_eq!(whoami(b1.token.clone()).await.0, 200);
+    // ...and stops working the moment the device is deleted.
     let path = format!("/devices/{}/B1", b1.user_id);
     assert_eq!(api.admin(Method::DELETE, &path, None).await.0, 200);
+    assert_eq!(whoami(b1.token.clone()).await.0, 401);
+    // Likewise a token replaced by a new one for the same device.
+    assert_eq!(whoami(b2.token.clone()).await.0, 200);
+    let b2_again = api.device("bob", "B2").await;
+    assert_eq!(whoami(b2.token.clone()).await.0, 401);
+    assert_eq!(whoami(b2_again.token.clone()).await.0, 200);
     let (status, v) = api
         .call(
             Method::GET,
