@@ -14,6 +14,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::any;
 use axum_server::Handle;
+use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsConfig;
 
 use crate::app::App;
@@ -146,8 +147,9 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
                 std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = true, resources = ?listener.resources, "listening");
-            let mut server =
-                axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp_rustls(std_listener, tls)?
+                .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
+                .handle(handle.clone());
             harden(server.http_builder());
             tasks.spawn(async move { server.serve(service).await });
         } else {
@@ -155,7 +157,9 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
                 std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             std_listener.set_nonblocking(true)?;
             tracing::info!(%addr, tls = false, resources = ?listener.resources, "listening");
-            let mut server = axum_server::from_tcp(std_listener)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp(std_listener)?
+                .acceptor(NoDelayAcceptor::new())
+                .handle(handle.clone());
             harden(server.http_builder());
             tasks.spawn(async move { server.serve(service).await });
         }
