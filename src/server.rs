@@ -167,6 +167,7 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
     app.sender.start()?;
     app.relay.start()?;
     tokio::spawn(crate::client::housekeeping::run(app.clone()));
+    tokio::spawn(crate::telemetry::upkeep());
     tracing::info!(server_name = %app.config.server_name, "courier is up");
     tokio::select! {
         _ = shutdown => {

@@ -27,6 +27,31 @@ async fn a_large_batch_arrives_exactly_once() {
     // Several transactions of many EDUs carried them.
     let log = a.log();
     assert!(log.contains("transaction delivered"), "sender log");
+    // And the latencies an operator watches were recorded on both sides.
+    let count = |metrics: &str, name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}_count in\n{metrics}"))
+    };
+    let (ma, mb) = (metrics(&a).await, metrics(&b).await);
+    assert!(count(&ma, "courier_send_to_device_seconds") >= 1);
+    assert!(count(&ma, "courier_federation_round_trip_seconds") >= 1);
+    assert!(count(&mb, "courier_inbound_transaction_seconds") >= 1);
+}
+
+/// The Prometheus text of `c`'s `/metrics`.
+async fn metrics(c: &Courier) -> String {
+    insecure_client()
+        .get(c.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

@@ -54,6 +54,7 @@ pub async fn send_to_device(
     path: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    let started = std::time::Instant::now();
     let Path((event_type, txn_id)) = path.map_err(|e| ApiError::invalid_param(e.body_text()))?;
     check_path_param("eventType", &event_type)?;
     check_path_param("txnId", &txn_id)?;
@@ -142,6 +143,7 @@ pub async fn send_to_device(
     .await
     .map_err(ApiError::internal)??;
     metrics::counter!("courier_client_local_messages_total").increment(committed.0 as u64);
+    metrics::histogram!("courier_send_to_device_seconds").record(started.elapsed().as_secs_f64());
     tracing::debug!(
         sender = %device.user_id, event_type = %event_type, txn = %txn_id,
         local_devices = committed.0, destinations = committed.1,

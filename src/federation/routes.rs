@@ -108,6 +108,7 @@ async fn send(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = std::time::Instant::now();
     let body = transaction_body(body)?;
     let ours = app.config.server_name.as_str();
     let (content, origin) = signed_json(&app, ours, &method, &uri, &headers, &body).await?;
@@ -155,6 +156,8 @@ async fn send(
             for (user, device) in &acc.woken {
                 app.notifier.wake_device(user, device);
             }
+            metrics::histogram!("courier_inbound_transaction_seconds")
+                .record(started.elapsed().as_secs_f64());
             tracing::debug!(
                 origin = %origin, txn = %txn_id, delivered = acc.delivered,
                 duplicates = acc.duplicate_edus, dropped = acc.dropped_edus,

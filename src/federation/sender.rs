@@ -462,6 +462,8 @@ impl Sender {
                 let fill = (wire_edus as f64 / MAX_EDUS_PER_TXN as f64)
                     .max(edus.len() as f64 / MAX_ROWS_PER_TXN as f64);
                 self.inner.permits.observe(dest, round_trip, fill);
+                metrics::histogram!("courier_federation_round_trip_seconds")
+                    .record(round_trip.as_secs_f64());
                 let mut b = Batch::new();
                 store.outbox_ack(&mut b, dest, &edus);
                 if let Some(last) = edus.last() {
