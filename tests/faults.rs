@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::Courier;
 use common::matrix::{assert_exactly_once, device, send_many, sync_until};
 use common::proxy::{FakeServer, Fault, HttpFault, Proxy, Signer};
-use common::{ADMIN_TOKEN, Courier, insecure_client};
 use courier::federation::retry::Policy;
 use serde_json::{Value, json};
 
@@ -93,16 +93,7 @@ impl Rig {
 }
 
 async fn dest_state(c: &Courier, dest: &str) -> Value {
-    let v: Value = insecure_client()
-        .get(c.url("/_courier/admin/v1/destinations"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["destinations"][dest].clone()
+    c.admin_get("/_courier/admin/v1/destinations").await["destinations"][dest].clone()
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::matrix::{assert_exactly_once, device, send_many, sync_until};
 use common::proxy::Signer;
-use common::{ADMIN_TOKEN, Courier, insecure_client};
+use common::{Courier, insecure_client};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -35,23 +35,10 @@ async fn a_large_batch_arrives_exactly_once() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {name}_count in\n{metrics}"))
     };
-    let (ma, mb) = (metrics(&a).await, metrics(&b).await);
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
     assert!(count(&ma, "courier_send_to_device_seconds") >= 1);
     assert!(count(&ma, "courier_federation_round_trip_seconds") >= 1);
     assert!(count(&mb, "courier_inbound_transaction_seconds") >= 1);
-}
-
-/// The Prometheus text of `c`'s `/metrics`.
-async fn metrics(c: &Courier) -> String {
-    insecure_client()
-        .get(c.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -392,15 +379,7 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_not_retried_
     assert!(a.log().contains("parked"));
     assert!(a.log().contains("splitting"));
     // And counted, for operators' dashboards.
-    let metrics = insecure_client()
-        .get(a.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert!(metrics.contains("courier_edus_parked_total 1"), "{metrics}");
     assert!(
         metrics.contains("courier_transactions_split_total"),

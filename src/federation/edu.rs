@@ -73,40 +73,56 @@ fn write_to_device(sender: &str, event_type: &str, units: &[(&str, &str, &RawVal
         .iter()
         .map(|(u, d, c)| u.len() + d.len() + c.get().len() + 8)
         .sum();
-    let mut w = Vec::with_capacity(body + sender.len() + event_type.len() + 128);
-    let string = |w: &mut Vec<u8>, s: &str| {
-        serde_json::to_writer(&mut *w, s).expect("writing a string to a Vec cannot fail");
-    };
-    w.extend_from_slice(b"{\"content\":{\"message_id\":");
-    string(&mut w, &new_message_id());
-    w.extend_from_slice(b",\"messages\":{");
-    let mut user_open: Option<&str> = None;
-    for (user, device, content) in units {
-        if user_open == Some(*user) {
-            w.push(b',');
-        } else {
-            if user_open.is_some() {
-                w.extend_from_slice(b"},");
-            }
-            string(&mut w, user);
-            w.extend_from_slice(b":{");
-            user_open = Some(user);
+    let mut out = String::with_capacity(body + sender.len() + event_type.len() + 128);
+    let by_user = units
+        .chunk_by(|a, b| a.0 == b.0)
+        .map(|run| (run[0].0, run.iter().map(|(_, d, c)| (*d, *c))));
+    write_edu(&mut out, &new_message_id(), by_user, sender, event_type);
+    out.into_bytes()
+}
+
+/// Writes an `m.direct_to_device` EDU into `out` as canonical JSON by concatenation:
+/// `messages` (user -> `(device, content)`, both in code-point order, each content
+/// written as it is) with the other fields around them. Shared by packing a client's
+/// request and by coalescing queued EDUs (`federation::wire`).
+pub(crate) fn write_edu<'m, D>(
+    out: &mut String,
+    message_id: &str,
+    messages: impl IntoIterator<Item = (&'m str, D)>,
+    sender: &str,
+    event_type: &str,
+) where
+    D: IntoIterator<Item = (&'m str, &'m RawValue)>,
+{
+    use crate::signing::canonical::write_string;
+    // Members in code-point order: content < edu_type; message_id < messages <
+    // sender < type.
+    out.push_str("{\"content\":{\"message_id\":");
+    write_string(out, message_id);
+    out.push_str(",\"messages\":{");
+    for (ui, (user, devices)) in messages.into_iter().enumerate() {
+        if ui > 0 {
+            out.push(',');
         }
-        string(&mut w, device);
-        w.push(b':');
-        w.extend_from_slice(content.get().as_bytes());
+        write_string(out, user);
+        out.push_str(":{");
+        for (di, (device, content)) in devices.into_iter().enumerate() {
+            if di > 0 {
+                out.push(',');
+            }
+            write_string(out, device);
+            out.push(':');
+            out.push_str(content.get());
+        }
+        out.push('}');
     }
-    if user_open.is_some() {
-        w.push(b'}');
-    }
-    w.extend_from_slice(b"},\"sender\":");
-    string(&mut w, sender);
-    w.extend_from_slice(b",\"type\":");
-    string(&mut w, event_type);
-    w.extend_from_slice(b"},\"edu_type\":\"");
-    w.extend_from_slice(DIRECT_TO_DEVICE.as_bytes());
-    w.extend_from_slice(b"\"}");
-    w
+    out.push_str("},\"sender\":");
+    write_string(out, sender);
+    out.push_str(",\"type\":");
+    write_string(out, event_type);
+    out.push_str("},\"edu_type\":");
+    write_string(out, DIRECT_TO_DEVICE);
+    out.push('}');
 }
 
 /// What coalescing needs to know of a queued EDU.

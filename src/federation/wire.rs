@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use serde_json::value::RawValue;
 
 use crate::federation::edu::{self, DIRECT_TO_DEVICE, Peek};
-use crate::signing::canonical::{self, NumberMode, write_string};
+use crate::signing::canonical::{self, NumberMode};
 
 /// A queued `m.direct_to_device` EDU, read without building a tree.
 #[derive(Debug, serde::Deserialize)]
@@ -146,34 +146,15 @@ fn write_fast(
                 .to_owned()
         })
         .collect();
-    // Members in code-point order: content < edu_type; message_id < messages <
-    // sender < type.
-    out.push_str("{\"content\":{\"message_id\":");
-    write_string(out, &edu::merged_message_id(&ids));
-    out.push_str(",\"messages\":{");
-    for (ui, (user, devices)) in messages.iter().enumerate() {
-        if ui > 0 {
-            out.push(',');
-        }
-        write_string(out, user);
-        out.push_str(":{");
-        for (di, (device, content)) in devices.iter().enumerate() {
-            if di > 0 {
-                out.push(',');
-            }
-            write_string(out, device);
-            out.push(':');
-            out.push_str(content.get());
-        }
-        out.push('}');
-    }
-    out.push_str("},\"sender\":");
-    write_string(out, &parts[0].content.sender);
-    out.push_str(",\"type\":");
-    write_string(out, &parts[0].content.event_type);
-    out.push_str("},\"edu_type\":");
-    write_string(out, DIRECT_TO_DEVICE);
-    out.push('}');
+    edu::write_edu(
+        out,
+        &edu::merged_message_id(&ids),
+        messages
+            .iter()
+            .map(|(user, devices)| (*user, devices.iter().map(|(d, c)| (*d, *c)))),
+        &parts[0].content.sender,
+        &parts[0].content.event_type,
+    );
     true
 }
 

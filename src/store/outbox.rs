@@ -101,9 +101,9 @@ pub(crate) fn entry_key(dest: &str, seq: u64) -> Vec<u8> {
 }
 
 impl Store {
-    /// Test-only: production rows are numbered by [`Store::append`]'s writer.
+    /// Queues an EDU for `dest` at position `seq` (in `b`). Test-only: production
+    /// rows are numbered by [`Store::append`]'s writer.
     #[cfg(test)]
-    /// Queues an EDU for `dest` at position `seq` (in `b`).
     pub(crate) fn outbox_push(&self, b: &mut Batch, dest: &str, seq: u64, edu: &[u8]) {
         b.0.put_cf(self.cf(cf::OUTBOX), entry_key(dest, seq), edu);
         self.tails.forget(dest);

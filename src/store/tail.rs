@@ -82,13 +82,10 @@ impl Tails {
         let opened = inner.opened;
         for (dest, row) in rows {
             let Inner { dests, bytes, .. } = &mut *inner;
-            let tail = match dests.get_mut(&dest) {
-                Some(t) => t,
-                None => dests.entry(dest).or_insert_with(|| Tail {
-                    complete_after: opened,
-                    ..Tail::default()
-                }),
-            };
+            let tail = dests.entry(dest).or_insert_with(|| Tail {
+                complete_after: opened,
+                ..Tail::default()
+            });
             if row.seq <= tail.complete_after {
                 continue;
             }

@@ -137,13 +137,19 @@ pub async fn send_many(
 impl Courier {
     /// `GET` an admin path with the admin token; the JSON answer.
     pub async fn admin_get(&self, path: &str) -> Value {
+        self.admin_response(path).await.json().await.unwrap()
+    }
+
+    /// The Prometheus text of `/metrics` (admin token).
+    pub async fn metrics(&self) -> String {
+        self.admin_response("/metrics").await.text().await.unwrap()
+    }
+
+    async fn admin_response(&self, path: &str) -> reqwest::Response {
         insecure_client()
             .get(self.url(path))
             .bearer_auth(ADMIN_TOKEN)
             .send()
-            .await
-            .unwrap()
-            .json()
             .await
             .unwrap()
     }
