@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::matrix::{assert_exactly_once, device, send_many, sync_until};
+use common::matrix::{assert_exactly_once, device, send_many, sync_events, sync_until};
 use common::proxy::Signer;
 use common::{Courier, insecure_client};
 use serde_json::{Value, json};
@@ -248,6 +248,35 @@ async fn repeated_transactions_and_bad_input() {
     // None of that delivered anything.
     let seen = sync_until(&target.base(), &bob, 1, Duration::from_secs(2)).await;
     assert!(seen.is_empty(), "{seen:?}");
+
+    // A body that is not the bytes signed (spaced, a number spelled otherwise) but
+    // the same JSON: verified by its canonical form, delivered. Its content comes
+    // out as the same JSON.
+    let mut spaced = edu(&alice, "m7", &bob_id, 7);
+    spaced["content"]["messages"][&bob_id]["*"]["f"] = json!(0.625);
+    let t7 = txn(&s.origin, vec![spaced]);
+    let uri7 = "/_matrix/federation/v1/send/T7";
+    let text = serde_json::to_string_pretty(&t7)
+        .unwrap()
+        .replace("0.625", "6.25e-1");
+    let put7 = client
+        .put(target.url(uri7))
+        .header("Content-Type", "application/json")
+        .header(
+            "Authorization",
+            s.header("PUT", uri7, &target.server_name, Some(&t7)),
+        )
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put7.status().as_u16(), 200);
+    let events = sync_events(&target.base(), &bob, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        events.last().map(|e| &e["content"]),
+        Some(&json!({"n": 7, "f": 0.625})),
+        "{events:?}"
+    );
     assert!(!target.log().contains("panicked"));
 }
 

@@ -291,7 +291,7 @@ fn check(
         &ep.name,
         Some(xmatrix::Body {
             raw: body,
-            parsed: &txn,
+            parsed: Some(&txn),
         }),
         &c.key,
         NumberMode::Python,

@@ -13,6 +13,7 @@
 //! destination fed by many small requests is carried in fewer, fuller transactions.
 //! No device's messages are ever reordered. This module does no I/O.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::value::RawValue;
@@ -326,14 +327,41 @@ pub(crate) fn merged_message_id(ids: &[String]) -> String {
     id
 }
 
-/// A validated inbound to-device EDU.
-#[derive(Debug, Clone, PartialEq)]
+/// A string of a received EDU, borrowed from the transaction's bytes where it has
+/// no escapes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+pub struct Str<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl std::ops::Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An EDU of a received transaction, read in place: its type and its content's bytes.
+#[derive(Debug, serde::Deserialize)]
+pub struct Received<'a> {
+    #[serde(borrow)]
+    pub edu_type: Str<'a>,
+    #[serde(borrow)]
+    pub content: Option<&'a RawValue>,
+}
+
+/// Reads one EDU of a transaction: `None` if it is not an object with a string
+/// `edu_type` (given once).
+pub fn read_edu(raw: &RawValue) -> Option<Received<'_>> {
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// A validated inbound to-device EDU, borrowed from the transaction's bytes.
+#[derive(Debug, Clone)]
 pub struct ToDevice<'a> {
-    pub sender: &'a str,
-    pub event_type: &'a str,
-    pub message_id: &'a str,
-    /// user -> device (or `*`) -> content
-    pub messages: &'a Map<String, Value>,
+    pub sender: Str<'a>,
+    pub event_type: Str<'a>,
+    pub message_id: Str<'a>,
+    /// user -> the bytes of `{device or "*": content, ...}` (not yet checked)
+    pub messages: BTreeMap<Str<'a>, &'a RawValue>,
 }
 
 /// Why an inbound EDU was dropped.
@@ -349,38 +377,43 @@ pub enum EduError {
     Spoofed { sender: String, origin: String },
 }
 
-/// The `edu_type` of a raw EDU, if it has one.
-pub fn edu_type(edu: &Value) -> Option<&str> {
-    edu.get("edu_type")?.as_str()
-}
-
 /// Checks one `m.direct_to_device` EDU from `origin`.
-pub fn parse_to_device<'a>(edu: &'a Value, origin: &str) -> Result<ToDevice<'a>, EduError> {
-    let content = edu
-        .get("content")
-        .and_then(Value::as_object)
+pub fn parse_to_device<'a>(edu: &Received<'a>, origin: &str) -> Result<ToDevice<'a>, EduError> {
+    /// The members read, each as bytes, so a wrong type names its field.
+    #[derive(serde::Deserialize)]
+    struct Content<'a> {
+        #[serde(borrow)]
+        sender: Option<&'a RawValue>,
+        #[serde(borrow, rename = "type")]
+        event_type: Option<&'a RawValue>,
+        #[serde(borrow)]
+        message_id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        messages: Option<&'a RawValue>,
+    }
+    let content: Content<'a> = edu
+        .content
+        .and_then(|c| serde_json::from_str(c.get()).ok())
         .ok_or(EduError::Shape)?;
-    let s = |f: &'static str| {
-        content
-            .get(f)
-            .and_then(Value::as_str)
+    fn string<'a>(raw: Option<&'a RawValue>, f: &'static str) -> Result<Str<'a>, EduError> {
+        raw.and_then(|r| serde_json::from_str(r.get()).ok())
             .ok_or(EduError::Field(f))
-    };
-    let sender = s("sender")?;
-    let event_type = s("type")?;
-    let message_id = s("message_id")?;
-    let messages = content
-        .get("messages")
-        .and_then(Value::as_object)
+    }
+    let sender = string(content.sender, "sender")?;
+    let event_type = string(content.event_type, "type")?;
+    let message_id = string(content.message_id, "message_id")?;
+    let messages: BTreeMap<Str<'a>, &'a RawValue> = content
+        .messages
+        .and_then(|r| serde_json::from_str(r.get()).ok())
         .ok_or(EduError::Field("messages"))?;
     let n = message_id.chars().count();
     if n == 0 || n > MAX_MESSAGE_ID_CHARS {
         return Err(EduError::MessageId);
     }
-    let user = crate::ids::UserId::parse(sender).map_err(|_| EduError::Field("sender"))?;
+    let user = crate::ids::UserId::parse(&sender).map_err(|_| EduError::Field("sender"))?;
     if user.server_name() != origin {
         return Err(EduError::Spoofed {
-            sender: sender.to_owned(),
+            sender: sender.to_string(),
             origin: origin.to_owned(),
         });
     }
@@ -390,6 +423,12 @@ pub fn parse_to_device<'a>(edu: &'a Value, origin: &str) -> Result<ToDevice<'a>,
         message_id,
         messages,
     })
+}
+
+/// One recipient user's `{device or "*": content}` of a received EDU; `None` if it
+/// is not an object.
+pub fn read_devices(raw: &RawValue) -> Option<BTreeMap<Str<'_>, &RawValue>> {
+    serde_json::from_str(raw.get()).ok()
 }
 
 /// A queued row as `client::send` stores it: one EDU from `sender` carrying
@@ -409,6 +448,31 @@ pub(crate) fn queued_row(sender: &str, to: &[(&str, &str)], content: Value) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What [`parse_to_device`] makes of an EDU given as a tree, owned.
+    #[derive(Debug, PartialEq)]
+    struct Checked {
+        sender: String,
+        message_id: String,
+        messages: Map<String, Value>,
+    }
+
+    fn checked(edu: &Value, origin: &str) -> Result<Checked, EduError> {
+        let text = serde_json::to_string(edu).unwrap();
+        let raw: &RawValue = serde_json::from_str(&text).unwrap();
+        let received = read_edu(raw).ok_or(EduError::Shape)?;
+        let td = parse_to_device(&received, origin)?;
+        let messages = td
+            .messages
+            .iter()
+            .map(|(u, d)| (u.to_string(), serde_json::from_str(d.get()).unwrap()))
+            .collect();
+        Ok(Checked {
+            sender: td.sender.to_string(),
+            message_id: td.message_id.to_string(),
+            messages,
+        })
+    }
 
     fn messages(users: usize, devices: usize, bytes: usize) -> Map<String, Value> {
         let mut m = Map::new();
@@ -494,7 +558,7 @@ mod tests {
         let v: Value = serde_json::from_slice(&edus[0]).unwrap();
         assert_eq!(v["edu_type"], DIRECT_TO_DEVICE);
         assert_eq!(v["content"]["message_id"].as_str().unwrap().len(), 16);
-        assert_eq!(parse_to_device(&v, "a.test").unwrap().sender, "@a:a.test");
+        assert_eq!(checked(&v, "a.test").unwrap().sender, "@a:a.test");
     }
 
     #[test]
@@ -571,7 +635,7 @@ mod tests {
 
         let slices: Vec<&[u8]> = rows[0..2].iter().map(|r| r.as_slice()).collect();
         let merged = merge(&slices);
-        let td = parse_to_device(&merged, "x").unwrap();
+        let td = checked(&merged, "x").unwrap();
         assert_eq!(td.sender, "@a:x");
         assert_eq!(td.messages["@b:y"]["D1"], json!({"n": 0}));
         assert_eq!(td.messages["@b:y"]["D2"], json!({"n": 1}));
@@ -685,30 +749,24 @@ mod tests {
     #[test]
     fn inbound_validation() {
         let ok = json!({"edu_type": DIRECT_TO_DEVICE, "content": {"sender": "@a:o.test", "type": "m.t", "message_id": "abc", "messages": {}}});
-        assert!(parse_to_device(&ok, "o.test").is_ok());
+        assert!(checked(&ok, "o.test").is_ok());
         assert!(matches!(
-            parse_to_device(&ok, "evil.test"),
+            checked(&ok, "evil.test"),
             Err(EduError::Spoofed { .. })
         ));
         let mut bad = ok.clone();
         bad["content"]["message_id"] = json!("x".repeat(33));
-        assert_eq!(parse_to_device(&bad, "o.test"), Err(EduError::MessageId));
+        assert_eq!(checked(&bad, "o.test"), Err(EduError::MessageId));
         let mut bad = ok.clone();
         bad["content"]["messages"] = json!([]);
+        assert_eq!(checked(&bad, "o.test"), Err(EduError::Field("messages")));
         assert_eq!(
-            parse_to_device(&bad, "o.test"),
-            Err(EduError::Field("messages"))
-        );
-        assert_eq!(
-            parse_to_device(&json!({"edu_type": 1}), "o.test"),
+            checked(&json!({"edu_type": 1}), "o.test"),
             Err(EduError::Shape)
         );
         let mut bad = ok.clone();
         bad["content"]["sender"] = json!("nobody");
-        assert_eq!(
-            parse_to_device(&bad, "o.test"),
-            Err(EduError::Field("sender"))
-        );
+        assert_eq!(checked(&bad, "o.test"), Err(EduError::Field("sender")));
     }
 
     proptest::proptest! {
@@ -731,7 +789,7 @@ mod tests {
             let mut got = std::collections::BTreeSet::new();
             for e in pack_to_device("@s:a.test", "m.t", &raw(&messages)) {
                 let v: Value = serde_json::from_slice(&e).unwrap();
-                let td = parse_to_device(&v, "a.test").unwrap();
+                let td = checked(&v, "a.test").unwrap();
                 for (u, devs) in td.messages {
                     for (dev, c) in devs.as_object().unwrap() {
                         proptest::prop_assert!(got.insert((u.clone(), dev.clone(), c["body"].as_str().unwrap().to_owned())));
@@ -745,10 +803,10 @@ mod tests {
         #[test]
         fn validation_never_panics(s in ".{0,200}") {
             if let Ok(v) = serde_json::from_str::<Value>(&s) {
-                let _ = parse_to_device(&v, "o.test");
+                let _ = checked(&v, "o.test");
             }
             let v = json!({"edu_type": DIRECT_TO_DEVICE, "content": {"sender": s.clone(), "type": s.clone(), "message_id": s.clone(), "messages": {}}});
-            let _ = parse_to_device(&v, "o.test");
+            let _ = checked(&v, "o.test");
         }
     }
 }

@@ -5,6 +5,8 @@
 //! recipient's devices at arrival; recipients on other servers, unknown users and
 //! unknown devices are skipped. One malformed EDU is dropped and counted; the rest of
 //! the transaction is accepted (a 400 for the whole would wedge the origin's queue).
+//! Likewise one message whose content is not an object a JSON parser can hold (read
+//! from the bytes received: see [`inbox_event`]) is dropped alone.
 //! Everything a transaction yields, with its `(origin, txnId)` marker, is one synced
 //! batch: durable before the 200. It never authenticates (see `auth`) and never sends.
 
@@ -12,9 +14,9 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 
-use crate::federation::edu::{self, DIRECT_TO_DEVICE};
+use crate::federation::edu::{self, DIRECT_TO_DEVICE, Str};
 use crate::store::dedupe::Marker;
 use crate::store::{Append, Store, StoreError};
 
@@ -53,14 +55,30 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// A to-device event as a device's `/sync` serves it, serialized without copying
-/// the content (fields in the order a sorted map would write them).
-#[derive(serde::Serialize)]
-struct StoredEvent<'a> {
-    content: &'a Value,
-    sender: &'a str,
-    #[serde(rename = "type")]
-    event_type: &'a str,
+/// A to-device event as a device's `/sync` serves it:
+/// `{"content":…,"sender":…,"type":…}`. The content, as received, is checked and
+/// rewritten compact in one pass, without a tree: it must be an object, and its
+/// strings and numbers must be ones a JSON parser holds (no lone surrogate, no
+/// number out of range), so no client is ever served an event it cannot read.
+pub fn inbox_event(
+    content: &RawValue,
+    sender: &str,
+    event_type: &str,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let text = content.get();
+    if !text.starts_with('{') {
+        return Err(serde::de::Error::custom("content is not an object"));
+    }
+    let mut out = Vec::with_capacity(text.len() + sender.len() + event_type.len() + 32);
+    out.extend_from_slice(b"{\"content\":");
+    let mut reader = serde_json::Deserializer::from_str(text);
+    serde_transcode::transcode(&mut reader, &mut serde_json::Serializer::new(&mut out))?;
+    out.extend_from_slice(b",\"sender\":");
+    serde_json::to_writer(&mut out, sender)?;
+    out.extend_from_slice(b",\"type\":");
+    serde_json::to_writer(&mut out, event_type)?;
+    out.push(b'}');
+    Ok(out)
 }
 
 /// What processing a transaction produced, for logs and wake-ups.
@@ -70,18 +88,21 @@ pub struct Accepted {
     pub woken: Vec<(String, String)>,
     pub delivered: usize,
     pub dropped_edus: usize,
+    /// Messages left out of an accepted EDU: a content that is not a readable object.
+    pub dropped_messages: usize,
     pub duplicate_edus: usize,
     pub other_edus: usize,
 }
 
 /// Turns a verified transaction from `origin` into inbox entries, durably.
-/// `our_name` is this server's name. Returns `None` if `(origin, txn_id)` was seen.
+/// `our_name` is this server's name; `edus` are the transaction's EDUs as received.
+/// Returns `None` if `(origin, txn_id)` was seen.
 pub async fn accept(
     store: &Store,
     our_name: &str,
     origin: &str,
     txn_id: &str,
-    edus: &[Value],
+    edus: &[&RawValue],
 ) -> Result<Option<Accepted>, StoreError> {
     if store.seen(Marker::InboundTxn, &[origin, txn_id])? {
         return Ok(None);
@@ -89,27 +110,24 @@ pub async fn accept(
     let mut out = Accepted::default();
     // (user, device, event JSON) in arrival order.
     let mut entries: Vec<(String, String, Vec<u8>)> = Vec::new();
-    let mut message_ids: Vec<&str> = Vec::new();
+    let mut message_ids: Vec<Str<'_>> = Vec::new();
     // A user's devices, read once per transaction: for `*` and for checking named
     // devices (a transaction addresses the same devices again and again).
-    let mut devices_cache: HashMap<&str, Vec<String>> = HashMap::new();
-    for raw in edus {
-        match edu::edu_type(raw) {
-            Some(DIRECT_TO_DEVICE) => {}
-            Some(other) => {
-                tracing::debug!(origin, edu_type = other, "ignoring EDU type");
-                metrics::counter!("courier_inbound_edus_ignored_total").increment(1);
-                out.other_edus += 1;
-                continue;
-            }
-            None => {
-                tracing::info!(origin, "dropping EDU without edu_type");
-                metrics::counter!("courier_inbound_edus_dropped_total").increment(1);
-                out.dropped_edus += 1;
-                continue;
-            }
+    let mut devices_cache: HashMap<Str<'_>, Vec<String>> = HashMap::new();
+    for &raw in edus {
+        let Some(received) = edu::read_edu(raw) else {
+            tracing::info!(origin, "dropping EDU without edu_type");
+            metrics::counter!("courier_inbound_edus_dropped_total").increment(1);
+            out.dropped_edus += 1;
+            continue;
+        };
+        if &*received.edu_type != DIRECT_TO_DEVICE {
+            tracing::debug!(origin, edu_type = &*received.edu_type, "ignoring EDU type");
+            metrics::counter!("courier_inbound_edus_ignored_total").increment(1);
+            out.other_edus += 1;
+            continue;
         }
-        let td = match edu::parse_to_device(raw, origin) {
+        let td = match edu::parse_to_device(&received, origin) {
             Ok(td) => td,
             Err(e) => {
                 tracing::warn!(origin, error = %e, "dropping malformed to-device EDU");
@@ -119,44 +137,56 @@ pub async fn accept(
             }
         };
         if message_ids.contains(&td.message_id)
-            || store.seen(Marker::MessageId, &[origin, td.message_id])?
+            || store.seen(Marker::MessageId, &[origin, &td.message_id])?
         {
             out.duplicate_edus += 1;
             metrics::counter!("courier_inbound_edus_duplicate_total").increment(1);
             continue;
         }
-        message_ids.push(td.message_id);
-        for (user, devices) in td.messages {
+        for (user, devices) in &td.messages {
             let Ok(uid) = crate::ids::UserId::parse(user) else {
                 continue;
             };
             if uid.server_name() != our_name {
-                tracing::info!(origin, user = %user, "skipping recipient that is not ours");
+                tracing::info!(
+                    origin,
+                    user = &**user,
+                    "skipping recipient that is not ours"
+                );
                 continue;
             }
-            let Some(devices) = devices.as_object() else {
+            let Some(devices) = edu::read_devices(devices) else {
                 continue;
             };
-            for (device, content) in devices {
-                let event = serde_json::to_vec(&StoredEvent {
-                    content,
-                    sender: td.sender,
-                    event_type: td.event_type,
-                })
-                .expect("a Value serializes");
-                let known = match devices_cache.entry(user.as_str()) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(store.device_ids(user)?),
-                };
-                if device == "*" {
-                    for d in known.iter() {
-                        entries.push((user.clone(), d.clone(), event.clone()));
+            let known = match devices_cache.entry(user.clone()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(store.device_ids(user)?),
+            };
+            for (device, content) in &devices {
+                let star = &**device == "*";
+                if !star && !known.iter().any(|d| d == &**device) {
+                    continue;
+                }
+                let event = match inbox_event(content, &td.sender, &td.event_type) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        tracing::warn!(origin, user = &**user, device = &**device, error = %e,
+                            "dropping a message whose content is not a readable object");
+                        metrics::counter!("courier_inbound_messages_dropped_total").increment(1);
+                        out.dropped_messages += 1;
+                        continue;
                     }
-                } else if known.contains(device) {
-                    entries.push((user.clone(), device.clone(), event));
+                };
+                if star {
+                    for d in known.iter() {
+                        entries.push((user.to_string(), d.clone(), event.clone()));
+                    }
+                } else {
+                    entries.push((user.to_string(), device.to_string(), event));
                 }
             }
         }
+        message_ids.push(td.message_id);
     }
     let mut woken = HashSet::new();
     let mut ops: Vec<Append> = Vec::with_capacity(entries.len() + message_ids.len() + 1);
@@ -173,7 +203,7 @@ pub async fn accept(
     for m in &message_ids {
         ops.push(Append::Mark {
             marker: Marker::MessageId,
-            parts: vec![origin.to_owned(), (*m).to_owned()],
+            parts: vec![origin.to_owned(), m.to_string()],
         });
     }
     ops.push(Append::Mark {
@@ -189,10 +219,22 @@ pub async fn accept(
 mod tests {
     use super::*;
     use crate::store::temp_store;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn to_device(sender: &str, mid: &str, messages: Value) -> Value {
         json!({"edu_type": DIRECT_TO_DEVICE, "content": {"sender": sender, "type": "m.t", "message_id": mid, "messages": messages}})
+    }
+
+    /// EDUs as a transaction's bytes carry them.
+    fn raw(edus: &[Value]) -> Vec<Box<RawValue>> {
+        edus.iter()
+            .map(|v| serde_json::value::to_raw_value(v).unwrap())
+            .collect()
+    }
+
+    async fn accept_all(s: &Store, txn: &str, edus: &[Box<RawValue>]) -> Option<Accepted> {
+        let refs: Vec<&RawValue> = edus.iter().map(|b| &**b).collect();
+        accept(s, "me", "o", txn, &refs).await.unwrap()
     }
 
     #[tokio::test]
@@ -212,7 +254,8 @@ mod tests {
                 json!({"@bob:me": {"B1": {"n": 3}, "NOPE": {}}, "@carol:me": {"X": {}}, "@x:other": {"Y": {}}}),
             ),
         ];
-        let acc = accept(&s, "me", "o", "t1", &edus).await.unwrap().unwrap();
+        let edus = raw(&edus);
+        let acc = accept_all(&s, "t1", &edus).await.unwrap();
         assert_eq!(acc.delivered, 3, "2 from *, 1 to B1");
         assert_eq!(acc.duplicate_edus, 1);
         assert_eq!(acc.dropped_edus, 2, "spoofed sender and garbage");
@@ -220,12 +263,9 @@ mod tests {
         assert_eq!(s.inbox_len("@bob:me", "B1").unwrap(), 2);
         assert_eq!(s.inbox_len("@bob:me", "B2").unwrap(), 1);
         // The same transaction again is not processed.
-        assert!(accept(&s, "me", "o", "t1", &edus).await.unwrap().is_none());
+        assert!(accept_all(&s, "t1", &edus).await.is_none());
         // A new transaction repeating a message_id delivers nothing new.
-        let acc = accept(&s, "me", "o", "t2", &edus[..1])
-            .await
-            .unwrap()
-            .unwrap();
+        let acc = accept_all(&s, "t2", &edus[..1]).await.unwrap();
         assert_eq!((acc.delivered, acc.duplicate_edus), (0, 1));
         assert_eq!(s.inbox_len("@bob:me", "B1").unwrap(), 2);
         let page = s.inbox_page("@bob:me", "B1", 0, 10).unwrap();
@@ -234,6 +274,48 @@ mod tests {
             ev,
             json!({"sender": "@a:o", "type": "m.t", "content": {"n": 1}})
         );
+    }
+
+    #[tokio::test]
+    async fn unreadable_contents_are_dropped_alone() {
+        let (_d, s) = temp_store();
+        s.add_device("@bob:me", "B1").await.unwrap();
+        s.add_device("@bob:me", "B2").await.unwrap();
+        s.add_device("@bob:me", "B\"3").await.unwrap();
+        // Written by hand: a tree cannot hold some of these.
+        let edus: Vec<Box<RawValue>> = [
+            // B1: a lone surrogate; B2: a number no parser holds. Both dropped, the
+            // EDU's other message kept.
+            r#"{"edu_type":"m.direct_to_device","content":{"sender":"@a:o","type":"m.t","message_id":"m1","messages":{"@bob:me":{"B1":{"s":"\ud800"},"B2":{"n":1e400},"B\"3":{"ok":1}}}}}"#,
+            // Not objects.
+            r#"{"edu_type":"m.direct_to_device","content":{"sender":"@a:o","type":"m.t","message_id":"m2","messages":{"@bob:me":{"B1":"text","B2":[1]}}}}"#,
+            // Spaced, escaped, keys out of order: served compact, the same values.
+            r#"{ "content" : { "type" : "m.\u0074" , "messages" : { "@b\u006fb:me" : { "B1" : { "z" : [ 1 , 2.5 , "\u00e9\n" ] , "a" : { } } } } , "message_id" : "m3" , "sender" : "@a:o" } , "edu_type" : "m.direct_to_device" }"#,
+        ]
+        .iter()
+        .map(|t| RawValue::from_string(t.to_string()).unwrap())
+        .collect();
+        let acc = accept_all(&s, "t1", &edus).await.unwrap();
+        assert_eq!((acc.delivered, acc.dropped_messages), (2, 4), "{acc:?}");
+        assert_eq!(acc.dropped_edus, 0);
+        let page = s.inbox_page("@bob:me", "B\"3", 0, 10).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&page[0].1).unwrap(),
+            r#"{"content":{"ok":1},"sender":"@a:o","type":"m.t"}"#
+        );
+        let page = s.inbox_page("@bob:me", "B1", 0, 10).unwrap();
+        assert_eq!(page.len(), 1);
+        let text = std::str::from_utf8(&page[0].1).unwrap();
+        assert!(!text.contains(' '), "{text}");
+        let ev: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            ev,
+            json!({"sender": "@a:o", "type": "m.t", "content": {"z": [1, 2.5, "\u{e9}\n"], "a": {}}})
+        );
+        assert_eq!(s.inbox_len("@bob:me", "B2").unwrap(), 0);
+        // Every message ID was seen, dropped messages or not.
+        let again = accept_all(&s, "t2", &edus).await.unwrap();
+        assert_eq!((again.delivered, again.duplicate_edus), (0, 3));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - [`discovery`]: server name -> address and TLS name, with the SSRF guard.
 //! - [`client`]: the signed outbound HTTP client.
 //! - [`keys`]: our published keys and the cache of other servers' keys.
-//! - [`routes`]: the federation HTTP endpoints courier serves.
+//! - [`routes`]: the federation HTTP endpoints courier serves; [`transaction`] and
+//!   [`inbound`]: a received `/send`, read in place and stored.
 //! - [`sender`]: per-destination delivery; [`edu`] and [`wire`]: the EDUs it sends.
 
 pub mod admin;
@@ -17,4 +18,5 @@ pub mod limit;
 pub mod retry;
 pub mod routes;
 pub mod sender;
+pub mod transaction;
 pub mod wire;

@@ -9,13 +9,14 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::error::ApiError;
 use crate::federation::auth::{authenticate, authenticate_for};
-use crate::federation::inbound;
 use crate::federation::keys::our_server_keys;
+use crate::federation::{inbound, transaction};
 use crate::ids::ServerName;
 use crate::store::now_ms;
 
@@ -67,7 +68,7 @@ pub(crate) async fn signed_json(
     let content = json_body(body)?;
     let received = crate::signing::xmatrix::Body {
         raw: body,
-        parsed: &content,
+        parsed: Some(&content),
     };
     let origin = authenticate_for(app, ours, method, uri, headers, Some(received)).await?;
     Ok((content, origin))
@@ -111,21 +112,15 @@ async fn send(
     let started = std::time::Instant::now();
     let body = transaction_body(body)?;
     let ours = app.config.server_name.as_str();
-    let (content, origin) = signed_json(&app, ours, &method, &uri, &headers, &body).await?;
-    let obj = content
-        .as_object()
-        .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
-    same_origin(&content, &origin)?;
-    let empty = Vec::new();
-    let list = |field: &str| -> Result<&Vec<Value>, ApiError> {
-        match obj.get(field) {
-            None => Ok(&empty),
-            Some(Value::Array(a)) => Ok(a),
-            Some(_) => Err(ApiError::bad_json(format!("`{field}` is not an array"))),
-        }
+    let received = transaction::Received::read(&body)?;
+    let signed = crate::signing::xmatrix::Body {
+        raw: &body,
+        parsed: received.tree(),
     };
-    let pdus = list("pdus")?;
-    let edus = list("edus")?;
+    let origin = authenticate_for(&app, ours, &method, &uri, &headers, Some(signed)).await?;
+    let mut rewritten = String::new();
+    let txn = transaction::authenticated(received, origin.as_str(), &mut rewritten)?;
+    let (pdus, edus) = (&txn.pdus, &txn.edus);
     if pdus.len() > MAX_PDUS || edus.len() > MAX_EDUS {
         return Err(ApiError::bad_json(format!(
             "too many PDUs ({}) or EDUs ({}): at most {MAX_PDUS} and {MAX_EDUS}",
@@ -161,6 +156,7 @@ async fn send(
             tracing::debug!(
                 origin = %origin, txn = %txn_id, delivered = acc.delivered,
                 duplicates = acc.duplicate_edus, dropped = acc.dropped_edus,
+                dropped_messages = acc.dropped_messages,
                 "transaction accepted"
             );
         }
@@ -169,12 +165,12 @@ async fn send(
 }
 
 /// courier keeps no rooms: every PDU is answered with an error, none is stored.
-fn pdu_results(pdus: &[Value]) -> Map<String, Value> {
+fn pdu_results(pdus: &[&RawValue]) -> Map<String, Value> {
     let mut out = Map::new();
     for pdu in pdus {
-        if let Some(id) = pdu.get("event_id").and_then(Value::as_str) {
+        if let Some(id) = transaction::pdu_event_id(pdu) {
             out.insert(
-                id.to_owned(),
+                id.into_owned(),
                 json!({"error": "courier relays to-device EDUs only; PDUs are not accepted"}),
             );
         }

@@ -489,11 +489,12 @@ pub fn verify_request(
         .map_err(|_| XMatrixError::BadSignature)
 }
 
-/// A request body as received: its bytes and their parse.
+/// A request body as received: its bytes and, if the caller built one, their parse.
 #[derive(Debug, Clone, Copy)]
 pub struct Body<'a> {
     pub raw: &'a [u8],
-    pub parsed: &'a Value,
+    /// Without it the bytes are parsed here, only if they are not the bytes signed.
+    pub parsed: Option<&'a Value>,
 }
 
 /// As [`verify_request`], for a body as received: first against the body's own
@@ -520,7 +521,20 @@ pub fn verify_request_body(
             return Ok(());
         }
     }
-    verify_request(x, method, uri, our_name, body.map(|b| b.parsed), key, mode)
+    let tree;
+    let parsed = match body {
+        None => None,
+        Some(Body {
+            parsed: Some(p), ..
+        }) => Some(p),
+        Some(Body { raw, parsed: None }) => {
+            // Not JSON a tree can hold (a lone surrogate, say): no canonical form,
+            // so it cannot be what was signed.
+            tree = serde_json::from_slice::<Value>(raw).map_err(|_| XMatrixError::BadSignature)?;
+            Some(&tree)
+        }
+    };
+    verify_request(x, method, uri, our_name, parsed, key, mode)
 }
 
 /// The header checks that need no cryptography; the signature's bytes.
@@ -865,11 +879,13 @@ mod tests {
         )
         .unwrap();
         let x = parse(&header).unwrap();
-        let check = |raw: &str| {
-            let parsed: Value = serde_json::from_str(raw).unwrap();
+        // `with_parse`: the caller hands its parse of the body over, or not (then
+        // the bytes are parsed only when they are not the bytes signed).
+        let verify = |raw: &str, with_parse: bool| {
+            let parsed: Option<Value> = with_parse.then(|| serde_json::from_str(raw).unwrap());
             let body = Body {
                 raw: raw.as_bytes(),
-                parsed: &parsed,
+                parsed: parsed.as_ref(),
             };
             verify_request_body(
                 &x,
@@ -881,6 +897,8 @@ mod tests {
                 NumberMode::Python,
             )
         };
+        let check = |raw: &str| verify(raw, true);
+        let unparsed = |raw: &str| verify(raw, false);
         // The canonical bytes (what courier sends), checked as they are.
         let canonical = encode(&content, NumberMode::Python).unwrap();
         assert_eq!(check(&canonical), Ok(()));
@@ -893,11 +911,22 @@ mod tests {
             check(r#"{"a":{"y":true,"z":null},"b":[1,2.5,"e"]}"#),
             Err(XMatrixError::BadSignature)
         );
+        // Without a parse from the caller: the same answers.
+        assert_eq!(unparsed(&canonical), Ok(()));
+        assert_eq!(unparsed(&spaced), Ok(()));
+        assert_eq!(
+            unparsed(r#"{"a":{"y":true,"z":null},"b":[1,2.5,"e"]}"#),
+            Err(XMatrixError::BadSignature)
+        );
+        assert_eq!(
+            unparsed(r#"{"a":"\ud800"}"#),
+            Err(XMatrixError::BadSignature)
+        );
         // So does the right content for another request target.
         let parsed: Value = serde_json::from_str(&canonical).unwrap();
         let body = Body {
             raw: canonical.as_bytes(),
-            parsed: &parsed,
+            parsed: Some(&parsed),
         };
         assert_eq!(
             verify_request_body(
