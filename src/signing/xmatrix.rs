@@ -355,7 +355,10 @@ fn request_message(
     destination: &str,
     content: Option<&str>,
 ) -> String {
-    let mut out = String::with_capacity(128 + content.map_or(0, str::len));
+    // Room for everything: a transaction's body is hundreds of KiB, and growing
+    // the string for the last few fields would copy all of it.
+    let fields = fields_len(method, uri, origin, destination);
+    let mut out = String::with_capacity(CONTENT_KEY.len() + content.map_or(0, str::len) + fields);
     out.push('{');
     if let Some(content) = content {
         out.push_str(CONTENT_KEY);
@@ -364,6 +367,12 @@ fn request_message(
     }
     push_request_fields(&mut out, method, uri, origin, destination);
     out
+}
+
+/// At least the bytes [`push_request_fields`] writes (escapes aside), and the
+/// punctuation around the content.
+fn fields_len(method: &str, uri: &str, origin: &str, destination: &str) -> usize {
+    method.len() + uri.len() + origin.len() + destination.len() + 64
 }
 
 /// `"content":`, the first member of a signed request with a body.
@@ -453,7 +462,8 @@ pub fn sign_request_writing(
     size_hint: usize,
     write: impl FnOnce(&mut String) -> Result<(), CanonicalError>,
 ) -> Result<(bytes::Bytes, String), SignError> {
-    let mut message = String::with_capacity(size_hint + 256);
+    let fields = fields_len(method, uri, origin, destination);
+    let mut message = String::with_capacity(CONTENT_KEY.len() + size_hint + fields);
     message.push('{');
     message.push_str(CONTENT_KEY);
     let start = message.len();
