@@ -79,12 +79,10 @@ pub(crate) fn same_origin(
     content: &Value,
     signer: &crate::ids::ServerName,
 ) -> Result<(), ApiError> {
-    if content.get("origin").and_then(Value::as_str) != Some(signer.as_str()) {
-        return Err(ApiError::forbidden(
-            "transaction origin does not match the signing server",
-        ));
-    }
-    Ok(())
+    transaction::check_origin(
+        content.get("origin").and_then(Value::as_str),
+        signer.as_str(),
+    )
 }
 
 /// A transaction's body, or the Matrix error for why it could not be read.

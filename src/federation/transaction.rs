@@ -101,18 +101,17 @@ pub fn authenticated<'b>(
     signer: &str,
     rewritten: &'b mut String,
 ) -> Result<Transaction<'b>, ApiError> {
-    let forbidden = || ApiError::forbidden("transaction origin does not match the signing server");
     let tree = match received {
-        Received::InPlace(t) if t.origin.as_deref() == Some(signer) => return Ok(t),
-        Received::InPlace(_) => return Err(forbidden()),
+        Received::InPlace(t) => {
+            check_origin(t.origin.as_deref(), signer)?;
+            return Ok(t);
+        }
         Received::Tree(tree) => tree,
     };
     let obj = tree
         .as_object()
         .ok_or_else(|| ApiError::bad_json("transaction is not an object"))?;
-    if obj.get("origin").and_then(Value::as_str) != Some(signer) {
-        return Err(forbidden());
-    }
+    check_origin(obj.get("origin").and_then(Value::as_str), signer)?;
     for field in ["pdus", "edus"] {
         if obj.get(field).is_some_and(|v| !v.is_array()) {
             return Err(ApiError::bad_json(format!("`{field}` is not an array")));
@@ -121,6 +120,16 @@ pub fn authenticated<'b>(
     *rewritten = serde_json::to_string(&tree).map_err(ApiError::internal)?;
     serde_json::from_str(rewritten)
         .map_err(|e| ApiError::bad_json(format!("transaction could not be read: {e}")))
+}
+
+/// A transaction's `origin` must be the server that signed the request (403 otherwise).
+pub fn check_origin(origin: Option<&str>, signer: &str) -> Result<(), ApiError> {
+    if origin != Some(signer) {
+        return Err(ApiError::forbidden(
+            "transaction origin does not match the signing server",
+        ));
+    }
+    Ok(())
 }
 
 /// A PDU's `event_id`, if it is an object with a string one.
