@@ -104,6 +104,14 @@ fn backlog_drains_after_the_destination_restarts() {
     ]);
     check(&v, "backlog");
     assert!(v["drain_seconds"].as_f64().is_some(), "{v}");
+    // The CPU of each process over the drain alone is reported.
+    for f in [
+        "drain_cpu_seconds_a",
+        "drain_cpu_seconds_b",
+        "drain_cpu_seconds_bench",
+    ] {
+        assert!(v[f].as_f64().is_some_and(|c| c >= 0.0), "{f}: {v}");
+    }
 }
 
 #[test]

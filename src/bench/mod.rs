@@ -239,6 +239,14 @@ pub struct Measured {
     /// Backlog: destination back up -> last delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_seconds: Option<f64>,
+    /// Backlog: CPU seconds of A, B and the benchmark process from B's restart to the
+    /// last delivery (the drain alone, without the queueing phase or B's start-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_cpu_seconds_a: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_cpu_seconds_b: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_cpu_seconds_bench: Option<f64>,
     pub fanout: usize,
     pub payload: usize,
     pub concurrency: usize,
@@ -404,6 +412,17 @@ struct Rig {
     /// many-destinations: the simulated destinations (instead of `bs`).
     sim: Option<Destinations>,
     _scratch: Scratch,
+}
+
+/// CPU seconds so far of A, of every B together, and of the benchmark process.
+fn cpu_now(rig: &Rig) -> [f64; 3] {
+    let bench = node::proc_cpu_ticks(std::process::id()).unwrap_or(0) as f64
+        / node::clock_ticks_per_second();
+    [
+        rig.a.cpu_seconds(),
+        rig.bs.iter().map(Node::cpu_seconds).sum(),
+        bench,
+    ]
 }
 
 /// One run of the scenario on one kind of server.
@@ -631,6 +650,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     };
 
     let mut back_up_us = None;
+    let mut drain_cpu_start = None;
     let receiver_tasks = if o.scenario == Scenario::Backlog {
         progress.set("stopping B", Goal::None);
         for b in &mut rig.bs {
@@ -648,6 +668,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             b.restart().await?;
         }
         back_up_us = Some(shared.since_epoch_us());
+        drain_cpu_start = Some(cpu_now(&rig));
         // Any request from B tells A it is back (A resets its backoff): as in real
         // life, the restarted server talks first.
         for (j, _) in rig.bs.iter().enumerate() {
@@ -677,6 +698,10 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     let expected = sent * fanout as u64;
     progress.set("delivering", Goal::Delivered(expected));
     let complete = wait_delivered(&shared, expected).await;
+    let drain_cpu = drain_cpu_start.map(|start| {
+        let end = cpu_now(&rig);
+        [0, 1, 2].map(|i| round(end[i] - start[i], 2))
+    });
     if !complete {
         say(&format!(
             "{}: delivery stalled for {STALL_TIMEOUT:?} at {} of {expected}; last error: {:?}",
@@ -783,6 +808,9 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
             3,
         ),
         drain_seconds: drain.map(|d| round(d, 3)),
+        drain_cpu_seconds_a: drain_cpu.map(|c| c[0]),
+        drain_cpu_seconds_b: drain_cpu.map(|c| c[1]),
+        drain_cpu_seconds_bench: drain_cpu.map(|c| c[2]),
         fanout,
         payload: o.payload,
         concurrency: o.concurrency,
@@ -1016,6 +1044,9 @@ mod tests {
             elapsed_seconds: 0.1,
             send_seconds: 0.1,
             drain_seconds: None,
+            drain_cpu_seconds_a: None,
+            drain_cpu_seconds_b: None,
+            drain_cpu_seconds_bench: None,
             fanout: 1,
             payload: 256,
             concurrency: 8,

@@ -333,6 +333,25 @@ impl Store {
         if !prefix.is_empty() {
             opts.set_iterate_upper_bound(prefix_end(prefix));
         }
+        self.scan_with(cf_name, opts, from)
+    }
+
+    /// Like [`Store::scan_from`], over a queue's rows (see [`super::queue_read_options`]).
+    pub(crate) fn scan_queue<'a>(
+        &'a self,
+        cf_name: &'static str,
+        prefix: &[u8],
+        from: &[u8],
+    ) -> impl Iterator<Item = Result<super::KeyValue, StoreError>> + 'a {
+        self.scan_with(cf_name, super::queue_read_options(prefix), from)
+    }
+
+    fn scan_with<'a>(
+        &'a self,
+        cf_name: &'static str,
+        opts: rocksdb::ReadOptions,
+        from: &[u8],
+    ) -> impl Iterator<Item = Result<super::KeyValue, StoreError>> + 'a {
         self.db()
             .iterator_cf_opt(
                 self.cf(cf_name),

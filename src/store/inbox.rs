@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, Store, StoreError, cf, key, now_ms, prefix_end};
+use super::{Batch, Store, StoreError, cf, key, now_ms, prefix_end, queue_read_options};
 
 /// Per-device bookkeeping.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,8 +65,7 @@ impl Store {
         let state = self.inbox_state(user, device)?;
         let from = after.max(state.acked).saturating_add(1);
         let prefix = device_prefix(user, device);
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(prefix_end(&prefix));
+        let opts = queue_read_options(&prefix);
         let start = entry_key(user, device, from);
         let iter = self.db().iterator_cf_opt(
             self.cf(cf::INBOX),
@@ -121,8 +120,7 @@ impl Store {
     ) -> Result<(Page, InboxState), StoreError> {
         let mut state = self.inbox_state(user, device)?;
         let prefix = device_prefix(user, device);
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(prefix_end(&prefix));
+        let opts = queue_read_options(&prefix);
         let start = entry_key(user, device, state.acked.saturating_add(1));
         let iter = self.db().iterator_cf_opt(
             self.cf(cf::INBOX),

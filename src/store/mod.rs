@@ -519,6 +519,19 @@ pub(crate) fn key(parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+/// Read options for a queue's rows under `prefix` (an outbox, an inbox): bounded to
+/// the prefix, and not kept in the block cache. Queued rows are read once and then
+/// deleted, so caching their blocks only filled the cache with rows about to go:
+/// draining a 100k backlog from tables took a page fault per 4 KiB block the cache
+/// grew by (three quarters of the origin's page faults in that drain) and pushed
+/// out the blocks that lookups reuse.
+pub(crate) fn queue_read_options(prefix: &[u8]) -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(prefix_end(prefix));
+    opts.fill_cache(false);
+    opts
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

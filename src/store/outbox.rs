@@ -139,7 +139,7 @@ impl Store {
     ) -> Result<Vec<QueuedEdu>, StoreError> {
         let prefix = dest_prefix(dest);
         let mut out = Vec::new();
-        for item in self.scan_from(
+        for item in self.scan_queue(
             cf::OUTBOX,
             &prefix,
             &entry_key(dest, after.saturating_add(1)),
@@ -167,7 +167,7 @@ impl Store {
         let from = entry_key(dest, self.dest_state(dest)?.acked_seq.saturating_add(1));
         let mut n = 0;
         let mut first = None;
-        for item in self.scan_from(cf::OUTBOX, &prefix, &from) {
+        for item in self.scan_queue(cf::OUTBOX, &prefix, &from) {
             let (k, _) = item?;
             if first.is_none() {
                 first = read_u64(&k[prefix.len()..]);
@@ -441,5 +441,35 @@ mod tests {
         s.commit(b).await.unwrap();
         assert_eq!(s.dest_state("x").unwrap(), st);
         assert_eq!(s.all_dest_states().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reading_the_queue_leaves_the_block_cache_alone() {
+        // Queued rows are read once, then deleted: their blocks must not fill the
+        // block cache (see `store::queue_read_options`).
+        let (_d, s) = temp_store();
+        let mut b = Batch::new();
+        for i in 1..=2000u64 {
+            s.outbox_push(&mut b, "b.test", i, &[b'x'; 300]);
+        }
+        s.commit(b).await.unwrap();
+        let cf = s.cf(cf::OUTBOX);
+        s.db().flush_cf(cf).unwrap();
+        let usage = || {
+            s.db()
+                .property_int_value_cf(cf, "rocksdb.block-cache-usage")
+                .unwrap()
+                .unwrap()
+        };
+        let before = usage();
+        let rows = s
+            .outbox_head_stored("b.test", 0, HeadBudget::new(1000, usize::MAX, None))
+            .unwrap();
+        assert_eq!(rows.len(), 1000, "read from the flushed table");
+        assert_eq!(s.outbox_depth("b.test").unwrap().0, 2000);
+        assert_eq!(usage(), before, "queue scans cached no block");
+        // The measure itself works: a point lookup caches its block.
+        s.db().get_cf(cf, entry_key("b.test", 7)).unwrap().unwrap();
+        assert!(usage() > before, "a lookup caches its block");
     }
 }
