@@ -589,7 +589,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     for b in &mut rig.bs {
         b.begin_accounting();
     }
-    let bench_cpu_start = node::proc_cpu_ticks(std::process::id()).unwrap_or(0);
+    let bench_cpu_start = cpu_now(&rig)[2];
     let store_a_start = rig.a.store_bytes();
     let store_b_start: u64 = rig.bs.iter().map(Node::store_bytes).sum();
     let fed_start = federation_counts(&rig.a, &rig.bs).await;
@@ -749,6 +749,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     };
     let transactions = fed_end.0.saturating_sub(fed_start.0);
     let edus = fed_end.1.saturating_sub(fed_start.1);
+    let cpu = cpu_now(&rig);
     let rss_a = rig.a.peak_rss_mib();
     let rss_b = rig
         .bs
@@ -778,18 +779,9 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         wire_bytes,
         rss_mib_a: round(rss_a, 1),
         rss_mib_b: round(rss_b, 1),
-        cpu_seconds_a: round(rig.a.cpu_seconds(), 2),
-        cpu_seconds_b: round(
-            rig.bs.iter().map(Node::cpu_seconds).fold(0.0, |a, b| a + b),
-            2,
-        ),
-        cpu_seconds_bench: round(
-            node::proc_cpu_ticks(std::process::id())
-                .unwrap_or(0)
-                .saturating_sub(bench_cpu_start) as f64
-                / node::clock_ticks_per_second(),
-            2,
-        ),
+        cpu_seconds_a: round(cpu[0], 2),
+        cpu_seconds_b: round(cpu[1], 2),
+        cpu_seconds_bench: round(cpu[2] - bench_cpu_start, 2),
         store_bytes_a: rig.a.store_bytes(),
         store_bytes_b: rig.bs.iter().map(Node::store_bytes).sum(),
         store_bytes_a_start: store_a_start,

@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, Store, StoreError, cf, key, now_ms, prefix_end, queue_read_options};
+use super::{Batch, Store, StoreError, cf, key, now_ms, prefix_end};
 
 /// Per-device bookkeeping.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,15 +65,9 @@ impl Store {
         let state = self.inbox_state(user, device)?;
         let from = after.max(state.acked).saturating_add(1);
         let prefix = device_prefix(user, device);
-        let opts = queue_read_options(&prefix);
         let start = entry_key(user, device, from);
-        let iter = self.db().iterator_cf_opt(
-            self.cf(cf::INBOX),
-            opts,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
         let mut out = Vec::new();
-        for item in iter.take(limit) {
+        for item in self.scan_queue(cf::INBOX, &prefix, &start).take(limit) {
             let (k, v) = item?;
             let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
                 cf: cf::INBOX,
@@ -120,15 +114,9 @@ impl Store {
     ) -> Result<(Page, InboxState), StoreError> {
         let mut state = self.inbox_state(user, device)?;
         let prefix = device_prefix(user, device);
-        let opts = queue_read_options(&prefix);
         let start = entry_key(user, device, state.acked.saturating_add(1));
-        let iter = self.db().iterator_cf_opt(
-            self.cf(cf::INBOX),
-            opts,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
         let mut page = Vec::new();
-        for item in iter {
+        for item in self.scan_queue(cf::INBOX, &prefix, &start) {
             let (k, v) = item?;
             let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
                 cf: cf::INBOX,
