@@ -14,6 +14,7 @@ pub mod error;
 pub mod federation;
 pub mod ids;
 pub mod logging;
+pub mod memory;
 pub mod notify;
 pub mod offload;
 pub mod server;

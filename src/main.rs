@@ -206,8 +206,24 @@ fn admin(config_path: &std::path::Path, command: admin_cli::Command) -> anyhow::
 }
 
 fn serve(config_path: PathBuf) -> anyhow::Result<()> {
+    // Before the runtime and the store allocate: a server's memory, not a test's.
+    let huge_pages = courier::memory::avoid_transparent_huge_pages();
     let config = Config::load(&config_path)?;
     courier::logging::init(&config.log)?;
+    match huge_pages {
+        courier::memory::HugePages::Disabled => {
+            tracing::debug!("transparent huge pages off for this process")
+        }
+        courier::memory::HugePages::OperatorChoice(v) => {
+            tracing::info!(
+                "{}={v}: transparent huge pages as set",
+                courier::memory::OPERATOR_SETTING
+            )
+        }
+        courier::memory::HugePages::Unchanged(why) => {
+            tracing::warn!("could not turn transparent huge pages off: {why}")
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -238,3 +238,64 @@ fn bad_config_is_refused_naming_the_field() {
     assert_ne!(code, 0);
     assert!(err.contains("missing.toml"), "{err}");
 }
+
+/// The `THP_enabled` line of a process's `/proc/<pid>/status` (Linux 5.0+).
+fn thp_enabled(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// Restarts `c` with `env` changed as `set` says, and returns the new process's pid.
+async fn respawn_with(c: &mut Courier, set: impl FnOnce(&mut std::process::Command)) -> u32 {
+    c.kill();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(c.log_path())
+        .unwrap();
+    let mut cmd = std::process::Command::new(common::bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(c.config_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    set(&mut cmd);
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    c.child = Some(child);
+    c.wait_ready().await.unwrap();
+    pid
+}
+
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages_unless_the_operator_says() {
+    let mut c = Courier::start().await;
+    let Some(ours) = thp_enabled(std::process::id()) else {
+        eprintln!("skipped: this kernel's /proc/<pid>/status has no THP_enabled line");
+        return;
+    };
+    if ours != "1" {
+        eprintln!(
+            "skipped: this test process runs with huge pages already off, which its children inherit"
+        );
+        return;
+    }
+    let pid = respawn_with(&mut c, |cmd| {
+        cmd.env_remove(courier::memory::OPERATOR_SETTING);
+    })
+    .await;
+    assert_eq!(thp_enabled(pid).as_deref(), Some("0"), "log:\n{}", c.log());
+    // The operator's setting wins: mimalloc applies it, courier leaves it alone.
+    let pid = respawn_with(&mut c, |cmd| {
+        cmd.env(courier::memory::OPERATOR_SETTING, "1");
+    })
+    .await;
+    assert_eq!(thp_enabled(pid).as_deref(), Some("1"), "log:\n{}", c.log());
+    assert!(
+        c.log().contains("MIMALLOC_ALLOW_THP=1"),
+        "log:\n{}",
+        c.log()
+    );
+}
