@@ -6,11 +6,11 @@
 //! the whole process (and every child it starts afterwards).
 //!
 //! Why: mimalloc asks the kernel for huge pages (`madvise(MADV_HUGEPAGE)`) on its
-//! arenas, so on a kernel whose THP mode is `madvise` (Debian's default) each first
-//! touch of a 2 MiB region faults in a whole huge page and zeroes it, and memory
-//! mimalloc purges in 64 KiB pieces comes back the same way. In the backlog drain
-//! that zeroing was ~8 % of the receiving server's CPU and peak RSS was ~1.7x; with
-//! huge pages off both servers used ~20 % less CPU for the same drain (README,
+//! arenas, so with THP in `madvise` (or `always`) mode each first touch of a 2 MiB
+//! region faults in a whole huge page and zeroes it, and memory mimalloc purges in
+//! 64 KiB pieces comes back the same way. In the benchmark's backlog drain that
+//! zeroing was ~8 % of the receiving server's CPU; with huge pages off the same drain
+//! took 12-15 % less CPU on each server and peak RSS fell by about 40 % (README,
 //! "Where the time goes", item 26).
 
 /// The environment variable with which mimalloc lets an operator decide instead.
