@@ -210,20 +210,7 @@ fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let huge_pages = courier::memory::avoid_transparent_huge_pages();
     let config = Config::load(&config_path)?;
     courier::logging::init(&config.log)?;
-    match huge_pages {
-        courier::memory::HugePages::Disabled => {
-            tracing::debug!("transparent huge pages off for this process")
-        }
-        courier::memory::HugePages::OperatorChoice(v) => {
-            tracing::info!(
-                "{}={v}: transparent huge pages as set",
-                courier::memory::OPERATOR_SETTING
-            )
-        }
-        courier::memory::HugePages::Unchanged(why) => {
-            tracing::warn!("could not turn transparent huge pages off: {why}")
-        }
-    }
+    huge_pages.log();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -27,6 +27,21 @@ pub enum HugePages {
     Unchanged(String),
 }
 
+impl HugePages {
+    /// Says in the log what was found or done (once logging is set up).
+    pub fn log(&self) {
+        match self {
+            HugePages::Disabled => tracing::debug!("transparent huge pages off for this process"),
+            HugePages::OperatorChoice(v) => {
+                tracing::info!("{OPERATOR_SETTING}={v}: transparent huge pages as set")
+            }
+            HugePages::Unchanged(why) => {
+                tracing::warn!("could not turn transparent huge pages off: {why}")
+            }
+        }
+    }
+}
+
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`),
 /// unless the operator set [`OPERATOR_SETTING`].
 pub fn avoid_transparent_huge_pages() -> HugePages {

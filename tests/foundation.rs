@@ -248,25 +248,11 @@ fn thp_enabled(pid: u32) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// Restarts `c` with `env` changed as `set` says, and returns the new process's pid.
+/// Restarts `c` with its command changed by `set`; the new process's pid.
 async fn respawn_with(c: &mut Courier, set: impl FnOnce(&mut std::process::Command)) -> u32 {
     c.kill();
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(c.log_path())
-        .unwrap();
-    let mut cmd = std::process::Command::new(common::bin());
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(c.config_path())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    set(&mut cmd);
-    let child = cmd.spawn().unwrap();
-    let pid = child.id();
-    c.child = Some(child);
-    c.wait_ready().await.unwrap();
-    pid
+    c.try_spawn_with(set).await.unwrap();
+    c.pid().unwrap()
 }
 
 #[tokio::test]

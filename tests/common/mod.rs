@@ -146,21 +146,34 @@ level = "courier=debug,info"
 
     /// Starts the process; `Err(log)` if it exited before serving.
     pub async fn try_spawn(&mut self) -> Result<(), String> {
+        self.try_spawn_with(|_| {}).await
+    }
+
+    /// As [`Courier::try_spawn`], with the command changed by `adjust` first (its
+    /// environment, say).
+    pub async fn try_spawn_with(
+        &mut self,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(bin())
-            .arg("serve")
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
             .arg("--config")
             .arg(self.config_path())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start courier");
-        self.child = Some(child);
+            .stderr(log);
+        adjust(&mut cmd);
+        self.child = Some(cmd.spawn().expect("start courier"));
         self.wait_ready().await
+    }
+
+    /// The running process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub async fn wait_ready(&mut self) -> Result<(), String> {
