@@ -25,6 +25,27 @@ use crate::store::{Store, StoreOptions};
 /// How long in-flight requests may run after the shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
 
+/// Connections the kernel completes and queues for a listener before courier
+/// accepts them (capped by `net.core.somaxconn`). The standard library's 128 was
+/// too few for a burst: with 256 clients connecting at once (`courier bench
+/// --concurrency 256`) the queue overflowed, the kernel dropped the SYNs, and those
+/// clients waited for TCP's 1-second retransmission (the 1.0-1.2 s maximum latency
+/// of every such run). The same happens when many devices reconnect at once.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// A non-blocking listener on `addr` with [`LISTEN_BACKLOG`], and `SO_REUSEADDR`
+/// as the standard library sets it (a restart binds while old connections linger
+/// in `TIME_WAIT`).
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Loads the signing key at `config.signing_key`, generating it on first start.
 pub fn load_or_generate_key(config: &Config) -> anyhow::Result<SigningKey> {
     let path = &config.signing_key;
@@ -143,9 +164,7 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
                 }
             }
             let tls = RustlsConfig::from_config(crate::tls::server_config(&cert, &key)?);
-            let std_listener =
-                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            std_listener.set_nonblocking(true)?;
+            let std_listener = listen(addr).with_context(|| format!("binding {addr}"))?;
             tracing::info!(%addr, tls = true, resources = ?listener.resources, "listening");
             let mut server = axum_server::from_tcp_rustls(std_listener, tls)?
                 .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
@@ -153,9 +172,7 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
             harden(server.http_builder());
             tasks.spawn(async move { server.serve(service).await });
         } else {
-            let std_listener =
-                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            std_listener.set_nonblocking(true)?;
+            let std_listener = listen(addr).with_context(|| format!("binding {addr}"))?;
             tracing::info!(%addr, tls = false, resources = ?listener.resources, "listening");
             let mut server = axum_server::from_tcp(std_listener)?
                 .acceptor(NoDelayAcceptor::new())
@@ -244,4 +261,48 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// `net.core.somaxconn`, which caps every listener's queue (Linux only).
+    fn somaxconn() -> Option<usize> {
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn a_listener_queues_a_burst_of_connections_nobody_has_accepted_yet() {
+        const BURST: usize = 300;
+        match somaxconn() {
+            Some(n) if n > BURST => {}
+            other => {
+                eprintln!(
+                    "skipped: net.core.somaxconn is {other:?}, which caps the queue below {BURST}"
+                );
+                return;
+            }
+        }
+        let listener = listen(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts: the kernel completes each handshake and queues it, up to
+        // the backlog. Past it the kernel drops the SYN, and connect waits for
+        // retransmissions nobody will answer (with the standard library's 128, the
+        // 130th connection timed out here).
+        let conns: Vec<TcpStream> = (0..BURST)
+            .map(|i| {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connection {i} of the burst: {e}"))
+            })
+            .collect();
+        assert_eq!(conns.len(), BURST);
+    }
 }

@@ -285,3 +285,30 @@ async fn the_server_runs_without_transparent_huge_pages_unless_the_operator_says
         c.log()
     );
 }
+
+#[tokio::test]
+async fn the_listener_queues_up_to_1024_connections_for_a_burst() {
+    let c = Courier::start().await;
+    // `ss` shows a listening socket's backlog as its Send-Q.
+    let out = match std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", c.port)])
+        .output()
+    {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => {
+            eprintln!("skipped: `ss` (iproute2) is not available to read the listener's backlog");
+            return;
+        }
+    };
+    let backlog: usize = out
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no listener on port {} in `ss` output: {out:?}", c.port));
+    let cap: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(usize::MAX);
+    // The standard library's 128 overflowed with 256 clients connecting at once.
+    assert_eq!(backlog, 1024.min(cap), "{out}");
+}

@@ -76,11 +76,8 @@ pub struct Destinations {
 pub fn bind(count: usize) -> anyhow::Result<Vec<StdTcpListener>> {
     (0..count)
         .map(|_| {
-            let l = StdTcpListener::bind("127.0.0.1:0").context(
-                "binding a loopback port for a simulated destination (raise `ulimit -n`?)",
-            )?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+            crate::server::listen(([127, 0, 0, 1], 0).into())
+                .context("binding a loopback port for a simulated destination (raise `ulimit -n`?)")
         })
         .collect()
 }
