@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod federation;
 pub mod ids;
+pub mod limits;
 pub mod logging;
 pub mod memory;
 pub mod notify;

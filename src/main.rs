@@ -165,7 +165,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin(&config, admin_cli::Command::UserAdd { user_id })
             }
         },
-        Command::Bench(options) => courier::bench::main(options),
+        Command::Bench(options) => {
+            // Before the simulated destinations and the servers (which inherit it).
+            if let Err(why) = courier::limits::raise_open_files() {
+                eprintln!("courier bench: {why}");
+            }
+            courier::bench::main(options)
+        }
         Command::Device { command } => match command {
             DeviceCommand::Add {
                 user_id,
@@ -208,9 +214,14 @@ fn admin(config_path: &std::path::Path, command: admin_cli::Command) -> anyhow::
 fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     // Before the runtime and the store allocate: a server's memory, not a test's.
     let huge_pages = courier::memory::avoid_transparent_huge_pages();
+    let open_files = courier::limits::raise_open_files();
     let config = Config::load(&config_path)?;
     courier::logging::init(&config.log)?;
     huge_pages.log();
+    match open_files {
+        Ok(files) => files.log(),
+        Err(why) => tracing::warn!("{why}"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -312,3 +312,42 @@ async fn the_listener_queues_up_to_1024_connections_for_a_burst() {
     // The standard library's 128 overflowed with 256 clients connecting at once.
     assert_eq!(backlog, 1024.min(cap), "{out}");
 }
+
+/// `(soft, hard)` "Max open files" of a process, from `/proc/<pid>/limits`.
+fn open_file_limits(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+}
+
+#[tokio::test]
+async fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
+    use std::os::unix::process::CommandExt;
+    let mut c = Courier::start().await;
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    if hard.is_some_and(|h| h <= 256) {
+        eprintln!("skipped: the hard open-file limit ({hard:?}) leaves nothing to raise");
+        return;
+    }
+    // Started as a shell commonly starts it: a soft limit far below the hard one.
+    let pid = respawn_with(&mut c, |cmd| unsafe {
+        cmd.pre_exec(move || {
+            let low = rustix::process::Rlimit {
+                current: Some(256),
+                maximum: hard,
+            };
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, low)
+                .map_err(std::io::Error::from)
+        });
+    })
+    .await;
+    let (soft, hard_seen) = open_file_limits(pid).expect("/proc/<pid>/limits");
+    assert_ne!(soft, "256", "log:\n{}", c.log());
+    assert_eq!(soft, hard_seen, "log:\n{}", c.log());
+    assert!(
+        c.log().contains("raised the open-file limit"),
+        "log:\n{}",
+        c.log()
+    );
+}

@@ -143,6 +143,32 @@ impl Options {
         self.scenario == Scenario::ManyDestinations
     }
 
+    /// About how many files this process keeps open at once: a connection per
+    /// request in flight, a listener and a connection per simulated destination, and
+    /// room for the recipients' syncs, the relays and the stores' files.
+    fn open_files_needed(&self) -> u64 {
+        let simulated = if self.simulated() {
+            2 * self.destinations() as u64
+        } else {
+            0
+        };
+        simulated + self.concurrency as u64 + 256
+    }
+
+    /// Refuses at once a run this process could not open the files for (it would
+    /// otherwise fail its warm-up after minutes with connection errors).
+    fn check_open_files(&self, soft_limit: Option<u64>) -> anyhow::Result<()> {
+        let need = self.open_files_needed();
+        match soft_limit {
+            Some(limit) if limit < need => bail!(
+                "this run needs about {need} open files (two per simulated destination, one \
+                 per request in flight) and this process may open {limit}: raise `ulimit -n` \
+                 (courier raises its own limit to the hard one, `ulimit -Hn`, which is too low)"
+            ),
+            _ => Ok(()),
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         let fanout = self.fanout();
         if self.concurrency == 0 || self.concurrency > 4096 {
@@ -278,6 +304,7 @@ pub struct Report {
 /// error if any message was lost or duplicated (after printing the report).
 pub fn main(options: Options) -> anyhow::Result<()> {
     options.validate()?;
+    options.check_open_files(crate::limits::soft_open_files())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -984,6 +1011,23 @@ fn mib(bytes: u64) -> String {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn a_run_the_open_file_limit_cannot_carry_is_refused_at_once() {
+        let many = Options::try_parse_from(["bench", "--scenario", "many-destinations"]).unwrap();
+        let err = many.check_open_files(Some(1024)).unwrap_err().to_string();
+        assert!(
+            err.contains("2288 open files") && err.contains("ulimit -n"),
+            "{err}"
+        );
+        assert!(many.check_open_files(Some(4096)).is_ok());
+        assert!(many.check_open_files(None).is_ok(), "unknown: try");
+        let one = Options::try_parse_from(["bench"]).unwrap();
+        assert!(
+            one.check_open_files(Some(1024)).is_ok(),
+            "32 in flight fit in 1024"
+        );
+    }
 
     #[test]
     fn options_defaults_and_checks() {
