@@ -143,16 +143,22 @@ impl Options {
         self.scenario == Scenario::ManyDestinations
     }
 
-    /// About how many files this process keeps open at once: a connection per
-    /// request in flight, a listener and a connection per simulated destination, and
-    /// room for the recipients' syncs, the relays and the stores' files.
+    /// About how many files this process (and the receiving server, for the syncs)
+    /// keeps open at once: a connection per request in flight, one per recipient
+    /// device's sync, a listener and a connection per simulated destination, and
+    /// room for the relays and the stores' files.
     fn open_files_needed(&self) -> u64 {
-        let simulated = if self.simulated() {
-            2 * self.destinations() as u64
+        let destinations = self.destinations() as u64;
+        let (simulated, receivers) = if self.simulated() {
+            (2 * destinations, 0)
         } else {
-            0
+            let per_destination = match self.fanout() {
+                1 => self.recipients,
+                k => k,
+            };
+            (0, destinations * per_destination as u64)
         };
-        simulated + self.concurrency as u64 + 256
+        simulated + receivers + self.concurrency as u64 + 256
     }
 
     /// Refuses at once a run this process could not open the files for (it would
@@ -161,9 +167,10 @@ impl Options {
         let need = self.open_files_needed();
         match soft_limit {
             Some(limit) if limit < need => bail!(
-                "this run needs about {need} open files (two per simulated destination, one \
-                 per request in flight) and this process may open {limit}: raise `ulimit -n` \
-                 (courier raises its own limit to the hard one, `ulimit -Hn`, which is too low)"
+                "this run needs about {need} open files (one per request in flight and per \
+                 recipient device, two per simulated destination) and this process may open \
+                 {limit}: raise `ulimit -n` (courier raises its own limit to the hard one, \
+                 `ulimit -Hn`, which is too low)"
             ),
             _ => Ok(()),
         }
@@ -1027,6 +1034,11 @@ mod tests {
             one.check_open_files(Some(1024)).is_ok(),
             "32 in flight fit in 1024"
         );
+        // 2000 devices, each syncing on a connection of its own.
+        let wide = Options::try_parse_from(["bench", "--scenario", "fan-out", "--fanout", "2000"])
+            .unwrap();
+        let err = wide.check_open_files(Some(1024)).unwrap_err().to_string();
+        assert!(err.contains("2288 open files"), "{err}");
     }
 
     #[test]
