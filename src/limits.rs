@@ -1,9 +1,10 @@
 //! The process's open-file limit: raised at start-up to what the operator allows.
 //!
 //! Owns one process-wide decision, made once by `courier serve` and `courier bench`
-//! before they open anything. It must never lower a limit, never touch the hard
-//! limit (only an operator may raise that), and never be called from library code a
-//! test or another program embeds.
+//! before they open anything ([`raise_open_files`]; [`soft_open_files`] only reads).
+//! It must never lower a limit, never touch the hard limit (only an operator may
+//! raise that), and the raise must never be called from library code a test or
+//! another program embeds.
 //!
 //! Why: every connection is a file descriptor (each client device, each peer
 //! server, and in the benchmark 1000 simulated destinations with a listener and a
