@@ -305,4 +305,14 @@ mod tests {
             .collect();
         assert_eq!(conns.len(), BURST);
     }
+
+    #[test]
+    fn a_port_in_use_is_refused_not_shared() {
+        let first = listen(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = first.local_addr().unwrap();
+        // SO_REUSEADDR lets a restart bind past TIME_WAIT; it must not let a second
+        // server take the same port (that would be SO_REUSEPORT).
+        let err = listen(addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    }
 }
