@@ -15,28 +15,26 @@
 //! the hard one is what Synapse does by default (`soft_file_limit: 0`) and what Go
 //! programs get from their runtime.
 
-/// The open-file limit before and after [`raise_open_files`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenFiles {
-    /// The soft limit the process started with.
-    pub before: u64,
-    /// The soft limit now.
-    pub now: u64,
-    /// The hard limit, the most the soft one can be raised to.
-    pub hard: u64,
+/// What [`raise_open_files`] found or did, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenFiles {
+    /// The soft limit was below the hard one and now equals it.
+    Raised { from: u64, to: u64 },
+    /// The soft limit already was the hard one (or above the cap of "unlimited").
+    AtHardLimit(u64),
+    /// The kernel refused, or this system has no such limit; nothing changed.
+    Unchanged(String),
 }
 
 impl OpenFiles {
     /// Says in the log what was found or done (once logging is set up).
     pub fn log(&self) {
-        if self.now > self.before {
-            tracing::info!(
-                from = self.before,
-                to = self.now,
-                "raised the open-file limit to the hard limit"
-            );
-        } else {
-            tracing::debug!(limit = self.now, "open-file limit");
+        match self {
+            OpenFiles::Raised { from, to } => {
+                tracing::info!(from, to, "raised the open-file limit to the hard limit")
+            }
+            OpenFiles::AtHardLimit(limit) => tracing::debug!(limit, "open-file limit"),
+            OpenFiles::Unchanged(why) => tracing::warn!("{why}"),
         }
     }
 }
@@ -46,39 +44,31 @@ impl OpenFiles {
 #[cfg(target_os = "linux")]
 const UNLIMITED_CAP: u64 = 1 << 20;
 
-/// Raises the soft open-file limit to the hard limit; `Err` says why it could not
-/// (nothing changed then).
+/// Raises the soft open-file limit to the hard limit.
 #[cfg(target_os = "linux")]
-pub fn raise_open_files() -> Result<OpenFiles, String> {
+pub fn raise_open_files() -> OpenFiles {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
-    let before = limit.current.unwrap_or(u64::MAX);
-    let hard = limit.maximum.unwrap_or(UNLIMITED_CAP);
-    if before >= hard {
-        return Ok(OpenFiles {
-            before,
-            now: before,
-            hard,
-        });
+    let from = limit.current.unwrap_or(u64::MAX);
+    let to = limit.maximum.unwrap_or(UNLIMITED_CAP);
+    if from >= to {
+        return OpenFiles::AtHardLimit(from);
     }
-    setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: Some(hard),
-            maximum: limit.maximum,
-        },
-    )
-    .map_err(|e| format!("could not raise the open-file limit from {before} to {hard}: {e}"))?;
-    Ok(OpenFiles {
-        before,
-        now: hard,
-        hard,
-    })
+    let raised = Rlimit {
+        current: Some(to),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => OpenFiles::Raised { from, to },
+        Err(e) => OpenFiles::Unchanged(format!(
+            "could not raise the open-file limit from {from} to {to}: {e}"
+        )),
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn raise_open_files() -> Result<OpenFiles, String> {
-    Err("not Linux: the open-file limit is left as it is".into())
+pub fn raise_open_files() -> OpenFiles {
+    OpenFiles::Unchanged("not Linux: the open-file limit is left as it is".into())
 }
 
 /// The soft open-file limit now; `None` where it cannot be read (or is unlimited).

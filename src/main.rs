@@ -167,7 +167,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Bench(options) => {
             // Before the simulated destinations and the servers (which inherit it).
-            if let Err(why) = courier::limits::raise_open_files() {
+            if let courier::limits::OpenFiles::Unchanged(why) = courier::limits::raise_open_files()
+            {
                 eprintln!("courier bench: {why}");
             }
             courier::bench::main(options)
@@ -218,10 +219,7 @@ fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     courier::logging::init(&config.log)?;
     huge_pages.log();
-    match open_files {
-        Ok(files) => files.log(),
-        Err(why) => tracing::warn!("{why}"),
-    }
+    open_files.log();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
