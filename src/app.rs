@@ -6,6 +6,7 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use crate::client::send::TxnLocks;
 use crate::config::Config;
 use crate::federation::client::FederationClient;
 use crate::federation::inbound::InFlight;
@@ -33,6 +34,10 @@ pub struct AppInner {
     pub relay: Relay,
     /// Offload mode: custody queues with a transaction being accepted.
     pub custody_inflight: InFlight,
+    /// `sendToDevice` transactions being accepted: one set for the whole server, so
+    /// a retransmission is serialized with its first attempt whichever listener
+    /// each came through.
+    pub txn_locks: Arc<TxnLocks>,
 }
 
 impl App {
@@ -61,6 +66,7 @@ impl App {
             inbound_inflight: InFlight::default(),
             relay,
             custody_inflight: InFlight::default(),
+            txn_locks: Arc::default(),
         })))
     }
 }

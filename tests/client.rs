@@ -275,6 +275,52 @@ async fn concurrent_retransmissions_deliver_once() {
     assert_eq!(ns(&api.sync(&bob, None, 0).await), vec![1]);
 }
 
+/// A device may reach the server through two client listeners (TLS and plain, or two
+/// addresses): its retransmission must still wait for the first attempt.
+#[tokio::test]
+async fn concurrent_retransmissions_through_two_listeners_deliver_once() {
+    let second = common::free_port();
+    let c = Courier::start_with(&format!(
+        "[[listeners]]\naddress = \"127.0.0.1:{second}\"\ntls = false\nresources = [\"client\"]\n"
+    ))
+    .await;
+    let api = Api::new(&c);
+    let plain = Api {
+        http: reqwest::Client::new(),
+        base: format!("http://127.0.0.1:{second}"),
+        server_name: c.server_name.clone(),
+    };
+    let alice = api.device("alice", "A1").await;
+    let bob = api.device("bob", "B1").await;
+    // Each round: one txnId, 8 attempts through each listener at once. With one lock
+    // set per listener, the first attempt on each side passes the marker check before
+    // either has written it, and the message is delivered twice.
+    const ROUNDS: u64 = 10;
+    for n in 0..ROUNDS {
+        let body =
+            serde_json::to_vec(&json!({"messages": { &bob.user_id: {"B1": {"n": n}} }})).unwrap();
+        let txn = format!("same-{n}");
+        let answers: Vec<(u16, Value)> = futures::stream::iter(0..16)
+            .map(|i| {
+                let via = if i % 2 == 0 { &api } else { &plain };
+                via.send_raw(&alice, "m.test", &txn, body.clone())
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        assert!(
+            answers.iter().all(|a| *a == (200, json!({}))),
+            "{answers:?}"
+        );
+    }
+    // Every attempt was answered, so everything it wrote is in the store: one page
+    // (up to 100 events) shows every message and any second copy.
+    assert_eq!(
+        ns(&api.sync(&bob, None, 0).await),
+        (0..ROUNDS).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn a_txn_is_remembered_across_a_restart() {
     let mut c = Courier::start().await;

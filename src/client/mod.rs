@@ -23,9 +23,7 @@ pub mod housekeeping;
 pub mod send;
 pub mod sync;
 
-use std::sync::Arc;
-
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::routing::{MethodRouter, get, put};
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -52,7 +50,6 @@ pub fn router() -> Router<App> {
             matrix(put(send::send_to_device)),
         )
         .route("/_matrix/client/v3/sync", matrix(get(sync::sync)))
-        .layer(Extension(Arc::new(send::TxnLocks::default())))
 }
 
 /// A wrong method on a known path answers in Matrix form (405 `M_UNRECOGNIZED`).

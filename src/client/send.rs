@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Path, State};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -50,7 +50,6 @@ const MAX_PATH_PARAM_BYTES: usize = 255;
 pub async fn send_to_device(
     State(app): State<App>,
     device: Device,
-    Extension(locks): Extension<Arc<TxnLocks>>,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -66,7 +65,7 @@ pub async fn send_to_device(
         event_type.as_str(),
         txn_id.as_str(),
     ];
-    let guard = locks.lock(txn.join("\0")).await;
+    let guard = app.txn_locks.lock(txn.join("\0")).await;
     if app.store.seen(Marker::ClientTxn, &txn)? {
         tracing::debug!(user = %device.user_id, device = %device.device_id, txn = %txn_id, "sendToDevice retransmission; nothing delivered");
         metrics::counter!("courier_client_txn_repeats_total").increment(1);
@@ -296,7 +295,8 @@ pub fn local_deliveries(
 /// Serializes concurrent attempts of the same `(user, device, eventType, txnId)`: a
 /// client that times out and retransmits while its first attempt is still being
 /// written must wait for it, then see its marker, instead of delivering twice.
-/// In memory only (the marker in the store is the durable half), one per router.
+/// In memory only (the marker in the store is the durable half), one per server
+/// (`App::txn_locks`).
 #[derive(Default)]
 pub struct TxnLocks {
     held: Mutex<HashSet<String>>,
