@@ -79,18 +79,16 @@ pub fn open(config: Config) -> anyhow::Result<App> {
 }
 
 /// The router of one listener.
-pub fn router(app: &App, resources: &[Resource]) -> Router {
+pub fn router(app: &App, resources: &[Resource]) -> Service {
     if resources.contains(&Resource::Offload) {
         // Absolute-form requests for other servers: one handler takes them all.
-        return crate::offload::proxy::router()
+        let proxy = crate::offload::proxy::router()
             .layer(axum::middleware::from_fn_with_state(
                 app.config.federation.max_request_bytes,
                 refuse_announced_over,
             ))
-            .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
-                BODY_READ_TIMEOUT,
-            ))
             .with_state(app.clone());
+        return with_body_deadline(proxy);
     }
     let mut r: Router<App> = Router::new();
     for res in resources {
@@ -133,10 +131,19 @@ pub fn router(app: &App, resources: &[Resource]) -> Router {
         // The edge passes unknown federation requests to the homeserver instead.
         r = r.route("/_matrix/{*rest}", any(crate::error::unrecognized));
     }
-    r.layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
-        BODY_READ_TIMEOUT,
-    ))
-    .with_state(app.clone())
+    with_body_deadline(r.with_state(app.clone()))
+}
+
+/// The service of one listener: its router behind the deadline for reading a body.
+pub type Service = tower_http::timeout::RequestBodyDeadline<Router>;
+
+/// Puts the deadline in front of the whole router, once, rather than through
+/// `Router::layer`, which wraps every route in it: each layer wrapped that way is
+/// one more boxed service that axum clones, and one more boxed future, for every
+/// request.
+fn with_body_deadline(router: Router) -> Service {
+    use tower_layer::Layer;
+    tower_http::timeout::RequestBodyDeadlineLayer::new(BODY_READ_TIMEOUT).layer(router)
 }
 
 /// Serves every configured listener until `shutdown` completes.
@@ -146,7 +153,7 @@ pub async fn run(app: App, shutdown: impl Future<Output = ()>) -> anyhow::Result
     for listener in &app.config.listeners {
         let router = router(&app, &listener.resources);
         let addr = listener.address;
-        let service = router.into_make_service();
+        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(router);
         if listener.tls {
             let (cert, key) = crate::tls::cert_paths(&app.config, listener);
             if listener.tls_cert.is_none() {
