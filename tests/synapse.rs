@@ -277,3 +277,49 @@ except SignatureVerifyException:
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `courier bench --synapse` in many-destinations: a real Synapse sends to the
+/// benchmark's simulated destinations (named by their addresses), which must answer
+/// as a real server does. They once answered `text/plain`; Synapse took every
+/// transaction for failed and sent its messages again (duplicates, and every row
+/// left in its outbox).
+#[test]
+fn bench_many_destinations_side_by_side_with_synapse() {
+    if venv_or_skip("bench_many_destinations_side_by_side_with_synapse").is_none() {
+        return;
+    }
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "bench",
+            "--scenario",
+            "many-destinations",
+            "--destinations",
+            "20",
+            "--fanout",
+            "5",
+            "--messages",
+            "40",
+            "--concurrency",
+            "4",
+            "--synapse",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    for side in [&v, &v["synapse"]] {
+        assert_eq!(side["delivered"], 200, "{side}");
+        assert_eq!(side["duplicates"], 0, "{side}");
+        assert_eq!(side["pending_rows_a"], 0, "{side}");
+        assert!(side["transactions"].as_u64().unwrap() > 0, "{side}");
+    }
+    assert_eq!(v["synapse"]["server"], "Synapse");
+    assert!(v["courier_vs_synapse"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -2,8 +2,10 @@
 //! (`d0001.courier-bench.test`, ...), each with a federation endpoint of its own on a
 //! loopback port of its own (the origin's `[federation.overrides]` map each name to
 //! its port, so the origin keeps one queue, one delivery task and one connection per
-//! destination, as it would for D real servers). They run inside the benchmark process
-//! and answer only `PUT /_matrix/federation/v1/send/{txnId}`.
+//! destination, as it would for D real servers). An origin without such overrides
+//! (Synapse) gets them named by their addresses instead (`127.0.0.1:port`). They run
+//! inside the benchmark process and answer only
+//! `PUT /_matrix/federation/v1/send/{txnId}`, in JSON labelled as such.
 //!
 //! What an endpoint checks before it answers 200: the X-Matrix signature (origin, our
 //! name as destination, the origin's key fetched from its `/_matrix/key/v2/server`,
@@ -59,6 +61,8 @@ struct Counts {
     warmups: AtomicU64,
     body_bytes: AtomicU64,
     transactions: AtomicU64,
+    /// EDUs in the transactions counted (not in repeats of one already answered).
+    edus: AtomicU64,
     refused: AtomicU64,
 }
 
@@ -82,6 +86,24 @@ pub fn bind(count: usize) -> anyhow::Result<Vec<StdTcpListener>> {
         .collect()
 }
 
+/// The server names of the destinations on `listeners`: [`name`]s for an origin
+/// that maps them to their ports ([`overrides`]), or each listener's own address
+/// (`127.0.0.1:port`, an IP literal with a port: no discovery) for one that cannot,
+/// such as Synapse.
+pub fn names(listeners: &[StdTcpListener], by_address: bool) -> anyhow::Result<Vec<String>> {
+    listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            Ok(if by_address {
+                format!("127.0.0.1:{}", l.local_addr()?.port())
+            } else {
+                name(i)
+            })
+        })
+        .collect()
+}
+
 /// The `[federation.overrides]` table mapping every name to its port.
 pub fn overrides(listeners: &[StdTcpListener]) -> anyhow::Result<String> {
     let mut out = String::from("\n[federation.overrides]\n");
@@ -96,10 +118,12 @@ pub fn overrides(listeners: &[StdTcpListener]) -> anyhow::Result<String> {
 }
 
 impl Destinations {
-    /// Starts the endpoints on `listeners` (from [`bind`]), trusting the origin's
-    /// key as published at `origin_base` (its client/federation listener).
+    /// Starts the endpoints on `listeners` (from [`bind`]), named `names` (from
+    /// [`names`]), trusting the origin's key as published at `origin_base` (its
+    /// client/federation listener).
     pub async fn serve(
         listeners: Vec<StdTcpListener>,
+        names: Vec<String>,
         origin: &str,
         origin_base: &str,
         http: &reqwest::Client,
@@ -118,21 +142,20 @@ impl Destinations {
             warmups: AtomicU64::new(0),
             body_bytes: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
+            edus: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         });
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config()?);
         let handle = axum_server::Handle::new();
-        let mut names = Vec::with_capacity(count);
         let mut ports = Vec::with_capacity(count);
         let mut tasks = Vec::with_capacity(count);
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, (listener, name)) in listeners.into_iter().zip(&names).enumerate() {
             ports.push(listener.local_addr()?.port());
-            names.push(name(i));
             let app = Router::new()
                 .route("/_matrix/federation/v1/send/{txn}", put(send))
                 .with_state(Endpoint {
                     index: i,
-                    name: name(i),
+                    name: name.clone(),
                     counts: counts.clone(),
                 });
             let server =
@@ -174,6 +197,15 @@ impl Destinations {
         (
             self.counts.transactions.load(Ordering::Relaxed),
             self.counts.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Transactions answered 200 so far (retries included) and the EDUs they
+    /// carried (each transaction's once), as an origin that cannot say would count.
+    pub fn federation_counts(&self) -> (u64, u64) {
+        (
+            self.counts.transactions.load(Ordering::Relaxed),
+            self.counts.edus.load(Ordering::Relaxed),
         )
     }
 }
@@ -229,7 +261,17 @@ struct Endpoint {
     counts: Arc<Counts>,
 }
 
-type Answer = (StatusCode, &'static str);
+/// A status and a JSON body, labelled `application/json` as a real server's is:
+/// Synapse takes any other content type for a failed request and sends the
+/// transaction's messages again.
+type Answer = (
+    StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    &'static str,
+);
+
+const JSON: [(axum::http::HeaderName, &str); 1] =
+    [(axum::http::header::CONTENT_TYPE, "application/json")];
 
 async fn send(
     State(ep): State<Endpoint>,
@@ -243,17 +285,17 @@ async fn send(
             c.body_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
             c.transactions.fetch_add(1, Ordering::Relaxed);
             count(&ep, &txn);
-            (StatusCode::OK, "{\"pdus\":{}}")
+            (StatusCode::OK, JSON, "{\"pdus\":{}}")
         }
         Ok(None) => {
             c.transactions.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::OK, "{\"pdus\":{}}")
+            (StatusCode::OK, JSON, "{\"pdus\":{}}")
         }
         Err((status, why)) => {
             c.refused.fetch_add(1, Ordering::Relaxed);
             c.shared
                 .note_error(format!("destination {}: {status} {why}", ep.name));
-            (status, "{\"errcode\":\"M_UNAUTHORIZED\"}")
+            (status, JSON, "{\"errcode\":\"M_UNAUTHORIZED\"}")
         }
     }
 }
@@ -312,6 +354,7 @@ fn count(ep: &Endpoint, txn: &Value) {
     let Some(edus) = txn["edus"].as_array() else {
         return;
     };
+    c.edus.fetch_add(edus.len() as u64, Ordering::Relaxed);
     let Some(Ok(mut seen)) = c.seen.get(ep.index).map(|m| m.lock()) else {
         return;
     };

@@ -58,7 +58,7 @@ pub enum Scenario {
     FanOut,
     /// Queue while the destination is down, then measure the drain after its restart.
     Backlog,
-    /// One request to --fanout of --destinations simulated servers (courier only).
+    /// One request to --fanout of --destinations simulated servers.
     ManyDestinations,
 }
 
@@ -188,9 +188,6 @@ impl Options {
             }
             if fanout > destinations {
                 bail!("--fanout (destinations per message) must be at most --destinations");
-            }
-            if self.synapse {
-                bail!("many-destinations simulates its destinations: it runs courier only");
             }
         } else if destinations == 0 || destinations > 32 {
             bail!("--destinations must be between 1 and 32");
@@ -424,10 +421,13 @@ impl Kind {
 }
 
 /// Federation transactions and EDUs so far: counted by courier's origin, or by the
-/// Synapse destinations (see `Node::federation_counts`).
-async fn federation_counts(a: &Node, bs: &[Node]) -> (u64, u64) {
+/// Synapse destinations (see `Node::federation_counts`) or the simulated ones.
+async fn federation_counts(a: &Node, bs: &[Node], sim: Option<&Destinations>) -> (u64, u64) {
     if a.is_courier() {
         return a.federation_counts().await;
+    }
+    if let Some(sim) = sim {
+        return sim.federation_counts();
     }
     let mut total = (0, 0);
     for b in bs {
@@ -478,6 +478,10 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     } else {
         Vec::new()
     };
+    // courier maps names to the ports through its configuration; Synapse cannot, so
+    // its destinations are named by their addresses.
+    let by_address = matches!(kind, Kind::Synapse(_));
+    let sim_names = destinations::names(&listeners, by_address)?;
     let a = kind
         .start(&scratch, "A", http, &destinations::overrides(&listeners)?)
         .await?;
@@ -491,7 +495,17 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         bs.push(kind.start(&scratch, &label, http, "").await?);
     }
     let sim = if o.simulated() {
-        Some(Destinations::serve(listeners, &a.server_name, &a.base, http, shared.clone()).await?)
+        Some(
+            Destinations::serve(
+                listeners,
+                sim_names,
+                &a.server_name,
+                &a.base,
+                http,
+                shared.clone(),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -626,7 +640,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     let bench_cpu_start = cpu_now(&rig)[2];
     let store_a_start = rig.a.store_bytes();
     let store_b_start: u64 = rig.bs.iter().map(Node::store_bytes).sum();
-    let fed_start = federation_counts(&rig.a, &rig.bs).await;
+    let fed_start = federation_counts(&rig.a, &rig.bs, rig.sim.as_ref()).await;
     let wire = |rig: &Rig| {
         rig.a.wire_bytes()
             + rig.bs.iter().map(Node::wire_bytes).sum::<u64>()
@@ -766,7 +780,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     // Let the last acknowledgements land, then read the counters.
     progress.set("measuring", Goal::None);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let fed_end = federation_counts(&rig.a, &rig.bs).await;
+    let fed_end = federation_counts(&rig.a, &rig.bs, rig.sim.as_ref()).await;
     let wire_bytes = wire(&rig).saturating_sub(wire_start);
     let first_us = shared.first_send_us.load(Ordering::Relaxed);
     let last_us = shared.last_delivery_us.load(Ordering::Relaxed);
