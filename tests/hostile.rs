@@ -843,3 +843,55 @@ async fn forged_senders_wrong_destinations_and_replayed_signatures_store_nothing
     assert_eq!(store.count(cf::INBOUND_TXNS), 2);
     assert_eq!(store.count(cf::MESSAGE_IDS), 1);
 }
+
+/// What axum's extractors refuse (a path parameter that does not decode, a chunked
+/// body past the limit) still answers in Matrix form: JSON with an `M_*` code and
+/// `application/json`, which a strict peer such as Synapse requires of a JSON answer.
+#[tokio::test]
+async fn federation_refusals_from_the_extractors_are_matrix_errors() {
+    let t = Courier::start_with(
+        "[federation]\nallow_private_destinations = true\nverify_certificates = false\nmax_request_bytes = 1000\n",
+    )
+    .await;
+    let http = t.pinned_client();
+    let big = format!("{{\"device_keys\":{{\"{}\":[]}}}}", "a".repeat(3000));
+    // No Content-Length: the limit is found while reading, not announced.
+    let chunked = reqwest::Body::wrap_stream(futures::stream::iter([Ok::<_, std::io::Error>(
+        big.into_bytes(),
+    )]));
+    let cases = [
+        (
+            http.post(t.url("/_matrix/federation/v1/user/keys/query"))
+                .body(chunked),
+            413,
+            "M_TOO_LARGE",
+        ),
+        (
+            http.get(t.url("/_matrix/federation/v1/user/devices/%FF")),
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (
+            http.put(t.url("/_matrix/federation/v1/send/%FF"))
+                .body("{}"),
+            400,
+            "M_INVALID_PARAM",
+        ),
+    ];
+    for (req, status, code) in cases {
+        let resp = req.send().await.unwrap();
+        let got = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp.text().await.unwrap();
+        assert_eq!(got, status, "{body}");
+        assert_eq!(ctype, "application/json", "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(v["errcode"], code, "{body}");
+    }
+    assert_no_panic(&t);
+}

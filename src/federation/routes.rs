@@ -5,6 +5,7 @@
 //! calls the module that owns the work (`inbound`, `keys`, the store's accounts).
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::routing::{get, post, put};
@@ -86,28 +87,41 @@ pub(crate) fn same_origin(
 }
 
 /// A transaction's body, or the Matrix error for why it could not be read.
-pub(crate) fn transaction_body(
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Bytes, ApiError> {
+pub(crate) fn transaction_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    request_body(body, "transaction")
+}
+
+/// A request body, or the Matrix error for why it could not be read (413
+/// `M_TOO_LARGE` past the listener's limit, also for a chunked body that announced
+/// no length): never axum's plain-text rejection.
+fn request_body(body: Result<Bytes, BytesRejection>, what: &str) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("transaction too large")
+            ApiError::too_large(format!("{what} too large"))
         } else {
             ApiError::bad_json(r.body_text())
         }
     })
 }
 
+/// A path parameter, or 400 `M_INVALID_PARAM` for one that does not decode (say,
+/// percent-encoded bytes that are not UTF-8): never axum's plain-text rejection.
+pub(crate) fn path_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(p)| p)
+        .map_err(|e| ApiError::invalid_param(e.body_text()))
+}
+
 /// `PUT /_matrix/federation/v1/send/{txnId}`.
 async fn send(
     State(app): State<App>,
-    Path(txn_id): Path<String>,
+    txn_id: Result<Path<String>, PathRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let started = std::time::Instant::now();
+    let txn_id = path_param(txn_id)?;
     let body = transaction_body(body)?;
     let ours = app.config.server_name.as_str();
     let received = transaction::Received::read(&body)?;
@@ -193,11 +207,12 @@ fn local_user(app: &App, user_id: &str) -> Result<(), ApiError> {
 /// `GET /_matrix/federation/v1/user/devices/{userId}`: our user's device list.
 async fn user_devices(
     State(app): State<App>,
-    Path(user_id): Path<String>,
+    user_id: Result<Path<String>, PathRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let user_id = path_param(user_id)?;
     authenticate(&app, &method, &uri, &headers, None).await?;
     local_user(&app, &user_id)?;
     let devices: Vec<Value> = app
@@ -218,8 +233,9 @@ async fn keys_query(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let body = request_body(body, "request body")?;
     let ours = app.config.server_name.as_str();
     let (content, _) = signed_json(&app, ours, &method, &uri, &headers, &body).await?;
     let wanted = content

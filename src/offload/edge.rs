@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::federation::routes::{same_origin, signed_json, transaction_body};
+use crate::federation::routes::{path_param, same_origin, signed_json, transaction_body};
 use crate::offload::{forward, hold, request_target, takes_custody};
 use crate::store::custody::Dir;
 
@@ -33,12 +33,13 @@ pub fn router() -> Router<App> {
 /// `PUT /_matrix/federation/v1/send/{txnId}` addressed to the homeserver.
 async fn send(
     State(app): State<App>,
-    Path(txn_id): Path<String>,
+    txn_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let txn_id = path_param(txn_id)?;
     let body = transaction_body(body)?;
     let Some(hs_name) = &app.config.offload.homeserver_name else {
         return Err(ApiError::internal(
