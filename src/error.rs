@@ -148,3 +148,11 @@ pub async fn unrecognized(method: axum::http::Method, uri: axum::http::Uri) -> A
     tracing::info!(%method, path = %uri.path(), "unrecognized request");
     ApiError::unrecognized()
 }
+
+/// `route` with a wrong method answered in Matrix form (405 `M_UNRECOGNIZED`, as
+/// JSON) instead of axum's empty 405.
+pub fn matrix<S: Clone + Send + Sync + 'static>(
+    route: axum::routing::MethodRouter<S>,
+) -> axum::routing::MethodRouter<S> {
+    route.fallback(|| async { ApiError::method_not_allowed() })
+}

@@ -844,11 +844,12 @@ async fn forged_senders_wrong_destinations_and_replayed_signatures_store_nothing
     assert_eq!(store.count(cf::MESSAGE_IDS), 1);
 }
 
-/// What axum's extractors refuse (a path parameter that does not decode, a chunked
-/// body past the limit) still answers in Matrix form: JSON with an `M_*` code and
-/// `application/json`, which a strict peer such as Synapse requires of a JSON answer.
+/// What axum refuses by itself (a path parameter that does not decode, a chunked
+/// body past the limit, a wrong method on a known path) still answers in Matrix
+/// form: JSON with an `M_*` code and `application/json`, which a strict peer such as
+/// Synapse requires of a JSON answer.
 #[tokio::test]
-async fn federation_refusals_from_the_extractors_are_matrix_errors() {
+async fn federation_refusals_from_axum_are_matrix_errors() {
     let t = Courier::start_with(
         "[federation]\nallow_private_destinations = true\nverify_certificates = false\nmax_request_bytes = 1000\n",
     )
@@ -876,6 +877,18 @@ async fn federation_refusals_from_the_extractors_are_matrix_errors() {
                 .body("{}"),
             400,
             "M_INVALID_PARAM",
+        ),
+        // A known path with a wrong method: axum's own answer is an empty 405.
+        (
+            http.post(t.url("/_matrix/federation/v1/send/t1"))
+                .body("{}"),
+            405,
+            "M_UNRECOGNIZED",
+        ),
+        (
+            http.delete(t.url("/_matrix/key/v2/server")),
+            405,
+            "M_UNRECOGNIZED",
         ),
     ];
     for (req, status, code) in cases {

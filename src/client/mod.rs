@@ -24,12 +24,12 @@ pub mod send;
 pub mod sync;
 
 use axum::extract::State;
-use axum::routing::{MethodRouter, get, put};
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, matrix};
 use auth::Device;
 
 /// The spec versions courier's client endpoints follow (it implements the subset a
@@ -50,11 +50,6 @@ pub fn router() -> Router<App> {
             matrix(put(send::send_to_device)),
         )
         .route("/_matrix/client/v3/sync", matrix(get(sync::sync)))
-}
-
-/// A wrong method on a known path answers in Matrix form (405 `M_UNRECOGNIZED`).
-fn matrix(route: MethodRouter<App>) -> MethodRouter<App> {
-    route.fallback(|| async { ApiError::method_not_allowed() })
 }
 
 async fn versions() -> Json<Value> {

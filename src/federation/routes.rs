@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, matrix};
 use crate::federation::auth::{authenticate, authenticate_for};
 use crate::federation::keys::our_server_keys;
 use crate::federation::{inbound, transaction};
@@ -28,14 +28,17 @@ const MAX_EDUS: usize = 100;
 /// Routes mounted on listeners with the `federation` resource.
 pub fn router() -> Router<App> {
     Router::new()
-        .route("/_matrix/key/v2/server", get(server_keys))
-        .route("/_matrix/federation/v1/version", get(version))
-        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
+        .route("/_matrix/key/v2/server", matrix(get(server_keys)))
+        .route("/_matrix/federation/v1/version", matrix(get(version)))
+        .route("/_matrix/federation/v1/send/{txn_id}", matrix(put(send)))
         .route(
             "/_matrix/federation/v1/user/devices/{user_id}",
-            get(user_devices),
+            matrix(get(user_devices)),
         )
-        .route("/_matrix/federation/v1/user/keys/query", post(keys_query))
+        .route(
+            "/_matrix/federation/v1/user/keys/query",
+            matrix(post(keys_query)),
+        )
 }
 
 async fn server_keys(State(app): State<App>) -> Json<Value> {

@@ -19,14 +19,16 @@ use axum::routing::put;
 use serde_json::json;
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, matrix};
 use crate::federation::routes::{path_param, same_origin, signed_json, transaction_body};
 use crate::offload::{forward, hold, request_target, takes_custody};
 use crate::store::custody::Dir;
 
 pub fn router() -> Router<App> {
     Router::new()
-        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
+        // A wrong method on /send answers here, as the homeserver itself would
+        // (405 M_UNRECOGNIZED), not through the pass-through.
+        .route("/_matrix/federation/v1/send/{txn_id}", matrix(put(send)))
         .fallback(pass_through)
 }
 
