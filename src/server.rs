@@ -103,12 +103,14 @@ pub fn router(app: &App, resources: &[Resource]) -> Service {
                         refuse_announced_over,
                     )),
             ),
-            Resource::Client => r.merge(crate::client::router().layer(
-                axum::middleware::from_fn_with_state(
-                    app.config.client.max_request_bytes,
-                    refuse_announced_over,
-                ),
-            )),
+            Resource::Client => r.merge(
+                crate::client::router()
+                    .layer(axum::middleware::from_fn_with_state(
+                        app.config.client.max_request_bytes,
+                        refuse_announced_over,
+                    ))
+                    .layer(crate::client::cors()),
+            ),
             Resource::Admin => r
                 .merge(crate::client::admin::router())
                 .merge(crate::federation::admin::router())

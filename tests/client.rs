@@ -1110,3 +1110,69 @@ async fn messages_for_another_server_are_delivered_and_acknowledged_there() {
         "A's outbox is empty"
     );
 }
+
+/// Web clients: the spec's CORS headers on every client answer (errors included),
+/// and an `OPTIONS` pre-flight answered without running the endpoint.
+#[tokio::test]
+async fn web_clients_get_cors_headers_and_preflights_run_no_endpoint() {
+    let c = Courier::start().await;
+    let api = Api::new(&c);
+    let alice = api.device("alice", "A1").await;
+    let bob = api.device("bob", "B1").await;
+    let body =
+        serde_json::to_vec(&json!({"messages": { &bob.user_id: {"B1": {"n": 1}} }})).unwrap();
+    let preflight = api
+        .http
+        .request(
+            Method::OPTIONS,
+            format!("{}/_matrix/client/v3/sendToDevice/m.test/t1", api.base),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "PUT")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .bearer_auth(&alice.token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    for m in ["GET", "POST", "PUT", "DELETE", "OPTIONS"] {
+        assert!(
+            h["access-control-allow-methods"]
+                .to_str()
+                .unwrap()
+                .contains(m),
+            "{h:?}"
+        );
+    }
+    for name in ["x-requested-with", "content-type", "authorization"] {
+        assert!(
+            h["access-control-allow-headers"]
+                .to_str()
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains(name),
+            "{h:?}"
+        );
+    }
+    // The pre-flight delivered nothing.
+    assert!(events(&api.sync(&bob, None, 0).await).is_empty());
+    // An ordinary answer and an error both carry the origin header.
+    for token in [Some(alice.token.as_str()), None] {
+        let mut req = api
+            .http
+            .get(format!("{}/_matrix/client/v3/sync?timeout=0", api.base))
+            .header("origin", "https://app.example");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), if token.is_some() { 200 } else { 401 });
+        assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    }
+}

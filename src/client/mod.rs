@@ -32,6 +32,27 @@ use crate::app::App;
 use crate::error::{ApiError, matrix};
 use auth::Device;
 
+/// The CORS headers the spec recommends for web clients ("Web Browser Clients"), on
+/// every client answer; an `OPTIONS` request (a browser's pre-flight) is answered by
+/// the layer itself, so no endpoint logic runs for it.
+pub fn cors() -> tower_http::cors::CorsLayer {
+    use axum::http::{Method, header};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::HeaderName::from_static("x-requested-with"),
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+        ])
+}
+
 /// The spec versions courier's client endpoints follow (it implements the subset a
 /// to-device relay needs; everything else answers 404 `M_UNRECOGNIZED`).
 pub const SPEC_VERSIONS: &[&str] = &[
