@@ -88,7 +88,7 @@ pub fn router(app: &App, resources: &[Resource]) -> Service {
                 refuse_announced_over,
             ))
             .with_state(app.clone());
-        return with_body_deadline(proxy);
+        return listener_service(proxy, false);
     }
     let mut r: Router<App> = Router::new();
     for res in resources {
@@ -103,14 +103,12 @@ pub fn router(app: &App, resources: &[Resource]) -> Service {
                         refuse_announced_over,
                     )),
             ),
-            Resource::Client => r.merge(
-                crate::client::router()
-                    .layer(axum::middleware::from_fn_with_state(
-                        app.config.client.max_request_bytes,
-                        refuse_announced_over,
-                    ))
-                    .layer(crate::client::cors()),
-            ),
+            Resource::Client => r.merge(crate::client::router().layer(
+                axum::middleware::from_fn_with_state(
+                    app.config.client.max_request_bytes,
+                    refuse_announced_over,
+                ),
+            )),
             Resource::Admin => r
                 .merge(crate::client::admin::router())
                 .merge(crate::federation::admin::router())
@@ -133,19 +131,25 @@ pub fn router(app: &App, resources: &[Resource]) -> Service {
         // The edge passes unknown federation requests to the homeserver instead.
         r = r.route("/_matrix/{*rest}", any(crate::error::unrecognized));
     }
-    with_body_deadline(r.with_state(app.clone()))
+    let web_clients = resources.contains(&Resource::Client);
+    listener_service(r.with_state(app.clone()), web_clients)
 }
 
-/// The service of one listener: its router behind the deadline for reading a body.
-pub type Service = tower_http::timeout::RequestBodyDeadline<Router>;
+type WithDeadline = tower_http::timeout::RequestBodyDeadline<Router>;
 
-/// Puts the deadline in front of the whole router, once, rather than through
-/// `Router::layer`, which wraps every route in it: each layer wrapped that way is
+/// The service of one listener: its router behind the deadline for reading a body,
+/// and for a listener with the `client` resource the CORS layer web clients need
+/// (`client::cors`; every answer of that listener then carries its headers).
+pub type Service = tower::util::Either<tower_http::cors::Cors<WithDeadline>, WithDeadline>;
+
+/// Puts the layers in front of the whole router, once, rather than through
+/// `Router::layer`, which wraps every route in them: each layer wrapped that way is
 /// one more boxed service that axum clones, and one more boxed future, for every
 /// request.
-fn with_body_deadline(router: Router) -> Service {
+fn listener_service(router: Router, web_clients: bool) -> Service {
     use tower_layer::Layer;
-    tower_http::timeout::RequestBodyDeadlineLayer::new(BODY_READ_TIMEOUT).layer(router)
+    let inner = tower_http::timeout::RequestBodyDeadlineLayer::new(BODY_READ_TIMEOUT).layer(router);
+    tower::util::option_layer(web_clients.then(crate::client::cors)).layer(inner)
 }
 
 /// Serves every configured listener until `shutdown` completes.

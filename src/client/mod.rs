@@ -33,8 +33,9 @@ use crate::error::{ApiError, matrix};
 use auth::Device;
 
 /// The CORS headers the spec recommends for web clients ("Web Browser Clients"), on
-/// every client answer; an `OPTIONS` request (a browser's pre-flight) is answered by
-/// the layer itself, so no endpoint logic runs for it.
+/// every answer of a listener that serves the client API (`server` puts the layer
+/// in front of its whole router); an `OPTIONS` request (a browser's pre-flight) is
+/// answered by the layer itself, so no endpoint logic runs for it.
 pub fn cors() -> tower_http::cors::CorsLayer {
     use axum::http::{Method, header};
     tower_http::cors::CorsLayer::new()
