@@ -867,6 +867,17 @@ async fn the_admin_api_checks_its_token_and_our_server_name() {
     let api = Api::new(&c);
     let bob = api.device("bob", "B1").await;
     let list = format!("/_courier/admin/v1/devices/{}", bob.user_id);
+    // A wrong method on a known admin endpoint: a JSON 405, not axum's empty one.
+    for path in [list.as_str(), "/_courier/admin/v1/destinations"] {
+        let (status, v) = api
+            .admin(Method::PUT, &path["/_courier/admin/v1".len()..], None)
+            .await;
+        assert_eq!(
+            (status, v["errcode"].as_str()),
+            (405, Some("M_UNRECOGNIZED")),
+            "{path}"
+        );
+    }
     let (status, v) = api.call(Method::GET, &list, None, None).await;
     assert_eq!(
         (status, v["errcode"].as_str()),

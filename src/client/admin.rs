@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, matrix};
 use crate::ids::{UserId, valid_device_id};
 use crate::store::accounts::new_device_id;
 
@@ -42,12 +42,15 @@ pub const PREFIX: &str = "/_courier/admin/v1";
 /// Routes mounted on listeners with the `admin` resource.
 pub fn router() -> Router<App> {
     Router::new()
-        .route("/_courier/admin/v1/users", post(add_user))
-        .route("/_courier/admin/v1/devices", post(add_device))
-        .route("/_courier/admin/v1/devices/{user_id}", get(list_devices))
+        .route("/_courier/admin/v1/users", matrix(post(add_user)))
+        .route("/_courier/admin/v1/devices", matrix(post(add_device)))
+        .route(
+            "/_courier/admin/v1/devices/{user_id}",
+            matrix(get(list_devices)),
+        )
         .route(
             "/_courier/admin/v1/devices/{user_id}/{device_id}",
-            delete(delete_device),
+            matrix(delete(delete_device)),
         )
         .route("/_courier/admin/{*rest}", any(unrecognized))
 }

@@ -13,11 +13,11 @@ use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::client::admin::Admin;
-use crate::error::ApiError;
+use crate::error::{ApiError, matrix};
 use crate::store::now_ms;
 
 pub fn router() -> Router<App> {
-    Router::new().route("/_courier/admin/v1/destinations", get(destinations))
+    Router::new().route("/_courier/admin/v1/destinations", matrix(get(destinations)))
 }
 
 async fn destinations(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {

@@ -14,12 +14,12 @@ use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::client::admin::Admin;
-use crate::error::ApiError;
+use crate::error::{ApiError, matrix};
 use crate::store::custody::Dir;
 use crate::store::now_ms;
 
 pub fn router() -> Router<App> {
-    Router::new().route("/_courier/admin/v1/offload", get(offload))
+    Router::new().route("/_courier/admin/v1/offload", matrix(get(offload)))
 }
 
 async fn offload(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {
