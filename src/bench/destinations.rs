@@ -63,7 +63,6 @@ struct Counts {
     transactions: AtomicU64,
     /// EDUs in the transactions counted (not in repeats of one already answered).
     edus: AtomicU64,
-    refused: AtomicU64,
 }
 
 /// D simulated destinations; stopped when dropped.
@@ -143,7 +142,6 @@ impl Destinations {
             body_bytes: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
             edus: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
         });
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config()?);
         let handle = axum_server::Handle::new();
@@ -190,14 +188,6 @@ impl Destinations {
     /// Bytes of transaction bodies received so far.
     pub fn body_bytes(&self) -> u64 {
         self.counts.body_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Transactions answered 200 so far (retries included) and refused.
-    pub fn transactions(&self) -> (u64, u64) {
-        (
-            self.counts.transactions.load(Ordering::Relaxed),
-            self.counts.refused.load(Ordering::Relaxed),
-        )
     }
 
     /// Transactions answered 200 so far (retries included) and the EDUs they
@@ -292,7 +282,6 @@ async fn send(
             (StatusCode::OK, JSON, "{\"pdus\":{}}")
         }
         Err((status, why)) => {
-            c.refused.fetch_add(1, Ordering::Relaxed);
             c.shared
                 .note_error(format!("destination {}: {status} {why}", ep.name));
             (status, JSON, "{\"errcode\":\"M_UNAUTHORIZED\"}")

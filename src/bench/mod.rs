@@ -422,15 +422,15 @@ impl Kind {
 
 /// Federation transactions and EDUs so far: counted by courier's origin, or by the
 /// Synapse destinations (see `Node::federation_counts`) or the simulated ones.
-async fn federation_counts(a: &Node, bs: &[Node], sim: Option<&Destinations>) -> (u64, u64) {
-    if a.is_courier() {
-        return a.federation_counts().await;
+async fn federation_counts(rig: &Rig) -> (u64, u64) {
+    if rig.a.is_courier() {
+        return rig.a.federation_counts().await;
     }
-    if let Some(sim) = sim {
+    if let Some(sim) = &rig.sim {
         return sim.federation_counts();
     }
     let mut total = (0, 0);
-    for b in bs {
+    for b in &rig.bs {
         let (t, e) = b.federation_counts().await;
         total.0 += t;
         total.1 += e;
@@ -640,7 +640,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     let bench_cpu_start = cpu_now(&rig)[2];
     let store_a_start = rig.a.store_bytes();
     let store_b_start: u64 = rig.bs.iter().map(Node::store_bytes).sum();
-    let fed_start = federation_counts(&rig.a, &rig.bs, rig.sim.as_ref()).await;
+    let fed_start = federation_counts(&rig).await;
     let wire = |rig: &Rig| {
         rig.a.wire_bytes()
             + rig.bs.iter().map(Node::wire_bytes).sum::<u64>()
@@ -780,7 +780,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     // Let the last acknowledgements land, then read the counters.
     progress.set("measuring", Goal::None);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let fed_end = federation_counts(&rig.a, &rig.bs, rig.sim.as_ref()).await;
+    let fed_end = federation_counts(&rig).await;
     let wire_bytes = wire(&rig).saturating_sub(wire_start);
     let first_us = shared.first_send_us.load(Ordering::Relaxed);
     let last_us = shared.last_delivery_us.load(Ordering::Relaxed);
