@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::matrix::{assert_exactly_once, device, send_many, sync_events, sync_until};
+use common::matrix::{assert_exactly_once, device, edu, send_many, sync_events, sync_until, txn};
 use common::proxy::Signer;
 use common::{Courier, insecure_client};
 use serde_json::{Value, json};
@@ -105,16 +105,6 @@ async fn sigkilled_sender_resumes_its_queue() {
         a.spawn().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-fn txn(origin: &str, edus: Vec<Value>) -> Value {
-    json!({"origin": origin, "origin_server_ts": 1, "pdus": [], "edus": edus})
-}
-
-fn edu(sender: &str, mid: &str, to: &str, n: u64) -> Value {
-    json!({"edu_type": "m.direct_to_device", "content": {
-        "sender": sender, "type": "m.test", "message_id": mid,
-        "messages": {to: {"*": {"n": n}}}}})
 }
 
 #[tokio::test]

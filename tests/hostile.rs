@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::matrix::{device, sync_until};
+use common::matrix::{device, edu, sync_until, txn};
 use common::proxy::{FakeOrigin, Signer};
 use common::{Courier, free_port, insecure_client};
 use courier::store::cf;
@@ -21,16 +21,6 @@ use serde_json::{Value, json};
 
 /// Guard against hanging; never reached when things work.
 const GUARD: Duration = Duration::from_secs(90);
-
-fn txn(origin: &str, edus: Vec<Value>) -> Value {
-    json!({"origin": origin, "origin_server_ts": 1, "pdus": [], "edus": edus})
-}
-
-fn edu(sender: &str, mid: &str, to: &str, n: u64) -> Value {
-    json!({"edu_type": "m.direct_to_device", "content": {
-        "sender": sender, "type": "m.test", "message_id": mid,
-        "messages": {to: {"*": {"n": n}}}}})
-}
 
 /// `(status, errcode)` of a response.
 async fn answer(r: reqwest::Response) -> (u16, Option<String>) {

@@ -12,7 +12,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::value::RawValue;
 
@@ -23,35 +23,33 @@ use crate::store::{Append, Store, StoreError};
 /// Transactions from one origin may not run concurrently (Synapse answers 429 too).
 #[derive(Default)]
 pub struct InFlight {
-    origins: Mutex<HashSet<String>>,
+    origins: Arc<Mutex<HashSet<String>>>,
 }
 
-/// Removes the origin from the in-flight set when dropped.
-pub struct InFlightGuard<'a> {
-    set: &'a InFlight,
+/// Removes the origin from the in-flight set when dropped. It owns its set, so the
+/// task that finishes a transaction's write can hold it past the request: a retry
+/// must not pass the marker checks while the first attempt's write is still queued.
+pub struct InFlightGuard {
+    set: Arc<Mutex<HashSet<String>>>,
     origin: String,
 }
 
 impl InFlight {
-    pub fn enter(&self, origin: &str) -> Option<InFlightGuard<'_>> {
+    pub fn enter(&self, origin: &str) -> Option<InFlightGuard> {
         let mut s = self.origins.lock().expect("inflight");
         if !s.insert(origin.to_owned()) {
             return None;
         }
         Some(InFlightGuard {
-            set: self,
+            set: self.origins.clone(),
             origin: origin.to_owned(),
         })
     }
 }
 
-impl Drop for InFlightGuard<'_> {
+impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.set
-            .origins
-            .lock()
-            .expect("inflight")
-            .remove(&self.origin);
+        self.set.lock().expect("inflight").remove(&self.origin);
     }
 }
 
@@ -104,6 +102,23 @@ pub async fn accept(
     txn_id: &str,
     edus: &[&RawValue],
 ) -> Result<Option<Accepted>, StoreError> {
+    let Some((accepted, ops)) = prepare(store, our_name, origin, txn_id, edus)? else {
+        return Ok(None);
+    };
+    store.append(ops).await?;
+    Ok(Some(accepted))
+}
+
+/// What [`accept`] writes, not yet written: the caller appends the ops (in one
+/// [`Store::append`]) and only then may answer 200. `None` if `(origin, txn_id)`
+/// was seen.
+pub fn prepare(
+    store: &Store,
+    our_name: &str,
+    origin: &str,
+    txn_id: &str,
+    edus: &[&RawValue],
+) -> Result<Option<(Accepted, Vec<Append>)>, StoreError> {
     if store.seen(Marker::InboundTxn, &[origin, txn_id])? {
         return Ok(None);
     }
@@ -210,9 +225,7 @@ pub async fn accept(
         marker: Marker::InboundTxn,
         parts: vec![origin.to_owned(), txn_id.to_owned()],
     });
-    store.append(ops).await?;
-    metrics::counter!("courier_inbound_messages_total").increment(out.delivered as u64);
-    Ok(Some(out))
+    Ok(Some((out, ops)))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::federation::auth::{authenticate, authenticate_for};
 use crate::federation::keys::our_server_keys;
 use crate::federation::{inbound, transaction};
 use crate::ids::ServerName;
-use crate::store::now_ms;
+use crate::store::{StoreError, now_ms};
 
 /// Most PDUs and EDUs one transaction may carry (the spec's limits).
 const MAX_PDUS: usize = 50;
@@ -143,29 +143,42 @@ async fn send(
             edus.len()
         )));
     }
-    let _guard = app.inbound_inflight.enter(origin.as_str()).ok_or_else(|| {
+    let guard = app.inbound_inflight.enter(origin.as_str()).ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "M_UNKNOWN",
             "too many concurrent transactions",
         )
     })?;
-    match inbound::accept(
+    let prepared = inbound::prepare(
         &app.store,
         app.config.server_name.as_str(),
         origin.as_str(),
         &txn_id,
         edus,
-    )
-    .await?
-    {
+    )?;
+    match prepared {
         None => {
             tracing::debug!(origin = %origin, txn = %txn_id, "repeated transaction; already processed")
         }
-        Some(acc) => {
-            for (user, device) in &acc.woken {
-                app.notifier.wake_device(user, device);
-            }
+        Some((acc, ops)) => {
+            // Write and wake in a task of their own, which holds the origin's guard
+            // until the write is durable: if the origin hangs up mid-write, its retry
+            // meets the guard (429) instead of markers not yet written, and is not
+            // delivered a second time.
+            let task_app = app.clone();
+            let woken = acc.woken;
+            tokio::spawn(async move {
+                task_app.store.append(ops).await?;
+                drop(guard);
+                for (user, device) in &woken {
+                    task_app.notifier.wake_device(user, device);
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .map_err(ApiError::internal)??;
+            metrics::counter!("courier_inbound_messages_total").increment(acc.delivered as u64);
             metrics::histogram!("courier_inbound_transaction_seconds")
                 .record(started.elapsed().as_secs_f64());
             tracing::debug!(

@@ -159,3 +159,15 @@ impl Courier {
         format!("https://127.0.0.1:{}", self.port)
     }
 }
+
+/// A federation transaction body from `origin` carrying `edus`.
+pub fn txn(origin: &str, edus: Vec<Value>) -> Value {
+    json!({"origin": origin, "origin_server_ts": 1, "pdus": [], "edus": edus})
+}
+
+/// An `m.direct_to_device` EDU from `sender` to every device of `to`, content `{"n": n}`.
+pub fn edu(sender: &str, mid: &str, to: &str, n: u64) -> Value {
+    json!({"edu_type": "m.direct_to_device", "content": {
+        "sender": sender, "type": "m.test", "message_id": mid,
+        "messages": {to: {"*": {"n": n}}}}})
+}
