@@ -103,7 +103,7 @@ impl Target {
                 .iter()
                 .map(|der| reqwest::Certificate::from_der(der))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| CliError::Client(error_chain(&e)))?;
+                .map_err(|e| CliError::Client(crate::error::chain(&e)))?;
             let host = if listener.tls_cert.is_none() {
                 "localhost".to_owned()
             } else {
@@ -119,7 +119,7 @@ impl Target {
         };
         let client = builder
             .build()
-            .map_err(|e| CliError::Client(error_chain(&e)))?;
+            .map_err(|e| CliError::Client(crate::error::chain(&e)))?;
         Ok(Target {
             base,
             client,
@@ -161,7 +161,7 @@ impl Target {
         }
         let unreachable = |e: reqwest::Error| CliError::Unreachable {
             url: url.clone(),
-            reason: error_chain(&e),
+            reason: crate::error::chain(&e),
         };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
@@ -185,18 +185,6 @@ impl Target {
 /// Runs `command` against the server `config` describes.
 pub async fn run(config: &Config, command: &Command) -> Result<Value, CliError> {
     Target::from_config(config)?.run(command).await
-}
-
-/// An error and its causes on one line (reqwest hides the useful part in `source`).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -156,3 +156,15 @@ pub fn matrix<S: Clone + Send + Sync + 'static>(
 ) -> axum::routing::MethodRouter<S> {
     route.fallback(|| async { ApiError::method_not_allowed() })
 }
+
+/// An error and its causes on one line (reqwest keeps the useful part in `source`).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

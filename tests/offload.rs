@@ -637,6 +637,69 @@ homeserver_backoff_max = "1s"
     assert_eq!(r.status(), 404);
 }
 
+/// The edge's prefix check holds for the path the homeserver receives: targets that an
+/// HTTP client would resolve out of `/_matrix/federation/` (dot segments, `%2e`,
+/// backslashes) are refused, passed through or held, and never reach the homeserver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_refuses_targets_that_would_leave_the_federation_prefix() {
+    let hs = Recorder::start().await;
+    hs.answer(200, r#"{"server":{"name":"recorder"}}"#);
+    let edge_port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{edge_port}"
+tls = false
+resources = ["edge"]
+
+[offload]
+homeserver_name = "hs.test"
+homeserver_url = "https://127.0.0.1:{hs_port}"
+verify_homeserver_certificate = false
+{FAST}"#,
+        hs_port = hs.addr.port()
+    ))
+    .await;
+    for (method, target) in [
+        (
+            "GET",
+            "/_matrix/federation/../../_synapse/admin/v1/server_version",
+        ),
+        (
+            "GET",
+            "/_matrix/federation/%2e%2e/%2E%2E/_synapse/admin/v1/users/@a:b",
+        ),
+        (
+            "GET",
+            "/_matrix/federation/v1/send/x/..\\..\\..\\..\\_synapse/admin/v1/users",
+        ),
+        (
+            "PUT",
+            "/_matrix/federation/v1/send/..\\..\\..\\..\\_synapse",
+        ),
+    ] {
+        let (status, body) = raw_request(edge_port, method, target, None, &[], b"{}");
+        assert_eq!(status, 400, "{method} {target}: {body}");
+        assert!(
+            body.contains("M_INVALID_PARAM"),
+            "{method} {target}: {body}"
+        );
+    }
+    assert_eq!(hs.count(), 0, "{:?}", hs.seen());
+    // A plain federation request still goes through.
+    let (status, body) = raw_request(
+        edge_port,
+        "GET",
+        "/_matrix/federation/v1/version",
+        None,
+        &[],
+        b"",
+    );
+    assert_eq!(status, 200, "{body}\n{}", c.log());
+    assert_eq!(hs.count(), 1);
+    assert_eq!(hs.seen()[0].target, "/_matrix/federation/v1/version");
+}
+
 /// `custody = "all"`: a transaction with PDUs is held too, answered at once while the
 /// destination fails, and delivered verbatim when it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

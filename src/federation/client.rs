@@ -41,22 +41,11 @@ impl RequestError {
         if e.is_timeout() {
             RequestError::Timeout
         } else if e.is_connect() {
-            RequestError::Connect(error_chain(&e))
+            RequestError::Connect(crate::error::chain(&e))
         } else {
-            RequestError::Other(error_chain(&e))
+            RequestError::Other(crate::error::chain(&e))
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Signs and sends federation requests.

@@ -6,7 +6,9 @@
 //! an EDU-only transaction is taken into custody for replay to the homeserver and
 //! answered `200 {"pdus": {}}`; one with PDUs is passed through synchronously (unless
 //! `custody = "all"`). Other federation requests that reach this listener are streamed
-//! to the homeserver unchanged, so courier can also stand in for the reverse proxy.
+//! to the homeserver unchanged, so courier can also stand in for the reverse proxy;
+//! a target with `.`/`..` segments or backslashes is refused (400 `M_INVALID_PARAM`),
+//! because the HTTP client would resolve it to a path outside `/_matrix/federation/`.
 //!
 //! It never changes what it carries and never delivers to courier's own devices.
 
@@ -21,7 +23,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::error::{ApiError, matrix};
 use crate::federation::routes::{path_param, same_origin, signed_json, transaction_body};
-use crate::offload::{forward, hold, request_target, takes_custody};
+use crate::offload::{forward, hold, plain_target, request_target, takes_custody};
 use crate::store::custody::Dir;
 
 pub fn router() -> Router<App> {
@@ -41,6 +43,9 @@ async fn send(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if !plain_target(&request_target(&uri)) {
+        return Err(not_plain());
+    }
     let txn_id = path_param(txn_id)?;
     let body = transaction_body(body)?;
     let Some(hs_name) = &app.config.offload.homeserver_name else {
@@ -68,12 +73,22 @@ async fn send(
     Ok(axum::Json(json!({"pdus": {}})).into_response())
 }
 
+/// A target that would not reach the homeserver as it reads (see [`plain_target`]).
+fn not_plain() -> ApiError {
+    ApiError::invalid_param(
+        "request paths with `.` or `..` segments or backslashes are not passed on",
+    )
+}
+
 /// Any other request: federation and key requests go to the homeserver unchanged.
 async fn pass_through(State(app): State<App>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = request_target(&parts.uri);
     if !(path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/")) {
         return ApiError::unrecognized().into_response();
+    }
+    if !plain_target(&path) {
+        return not_plain().into_response();
     }
     let stream = reqwest::Body::wrap_stream(body.into_data_stream());
     to_homeserver(&app, parts.method, &path, &parts.headers, stream).await
@@ -103,8 +118,9 @@ async fn to_homeserver(
     {
         Ok(resp) => forward::relay_response(resp),
         Err(e) => {
-            tracing::info!(homeserver = hs.base(), %method, path, error = %e, "pass-through to the homeserver failed");
-            forward::bad_gateway(e)
+            let error = crate::error::chain(&e);
+            tracing::info!(homeserver = hs.base(), %method, path, error, "pass-through to the homeserver failed");
+            forward::bad_gateway(error)
         }
     }
 }

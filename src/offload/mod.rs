@@ -56,6 +56,20 @@ pub fn takes_custody(custody: crate::config::Custody, body: &[u8]) -> bool {
     }
 }
 
+/// May this request target be handed to an HTTP client for the homeserver? Clients
+/// (reqwest, through the `url` crate) resolve `.` and `..` segments, read `%2e` as a
+/// dot and `\\` as a `/` before sending, so `/_matrix/federation/../../_synapse/admin`
+/// would leave the federation prefix the edge checked. Such targets are refused: no
+/// homeserver publishes a federation endpoint whose path needs them.
+pub fn plain_target(target: &str) -> bool {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    !path.contains('\\')
+        && path.split('/').all(|segment| {
+            let dots = segment.to_ascii_lowercase().replace("%2e", ".");
+            dots != "." && dots != ".."
+        })
+}
+
 /// The request target as received: path and query (`/` if there is none).
 pub fn request_target(uri: &axum::http::Uri) -> String {
     uri.path_and_query()
@@ -142,6 +156,30 @@ pub async fn hold(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn targets_with_dot_segments_or_backslashes_are_not_plain() {
+        for ok in [
+            "/_matrix/federation/v1/version",
+            "/_matrix/federation/v1/send/1701.2",
+            "/_matrix/key/v2/query/a.b?minimum_valid_until_ts=1",
+            "/_matrix/federation/v1/user/devices/@a:b.c",
+            "/_matrix/federation/v1/x/...",
+            "/_matrix/federation/v1/x?y=../..",
+        ] {
+            assert!(super::plain_target(ok), "{ok}");
+        }
+        for bad in [
+            "/_matrix/federation/../../_synapse/admin/v1/server_version",
+            "/_matrix/federation/%2e%2e/%2E%2E/_synapse/admin",
+            "/_matrix/federation/.%2e/_synapse",
+            "/_matrix/federation/v1/send/x/..\\..\\_synapse",
+            "/_matrix/federation/v1/send/..\\x",
+            "/_matrix/federation/./v1/version",
+        ] {
+            assert!(!super::plain_target(bad), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]
