@@ -71,7 +71,7 @@ homeserver_backoff_max = "2s"
 /// A courier with only an offload listener (plain HTTP; returned with its port),
 /// `dest.test` mapped to the recording destination `dest`; `offload` adds lines to
 /// the `[offload]` section.
-async fn offload_to(dest: &Recorder, offload: &str) -> (Courier, u16) {
+async fn offload_to(dest_port: u16, offload: &str) -> (Courier, u16) {
     let port = free_port();
     let c = Courier::start_with(&format!(
         r#"
@@ -86,8 +86,7 @@ secret = "{SECRET}"
 {FAST}
 [federation.overrides]
 "dest.test" = "127.0.0.1:{dest_port}"
-"#,
-        dest_port = dest.addr.port()
+"#
     ))
     .await;
     (c, port)
@@ -391,7 +390,7 @@ async fn synapse_offload_both_ways_survives_outages_and_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offload_custody_replays_verbatim_in_order_and_parks_refusals() {
     let dest = Recorder::start().await;
-    let (c, port) = offload_to(&dest, "").await;
+    let (c, port) = offload_to(dest.addr.port(), "").await;
     let auth = r#"X-Matrix origin="hs.test",destination="dest.test",key="ed25519:a",sig="c2ln""#;
     let put = |txn: &str, body: &[u8]| {
         raw_request(
@@ -700,13 +699,70 @@ verify_homeserver_certificate = false
     assert_eq!(hs.seen()[0].target, "/_matrix/federation/v1/version");
 }
 
+/// A destination that answers 200 and then never ends its body: the held
+/// transaction counts as delivered on the status, without courier reading (and
+/// holding in memory) the rest until the request timeout, and then sending it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_answered_with_an_endless_body_is_delivered_on_its_status() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = hits.clone();
+    let endless = axum::Router::new().fallback(move || {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async {
+            let chunk = bytes::Bytes::from(vec![b' '; 64 * 1024]);
+            let body = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+            axum::response::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from_stream(body))
+                .unwrap()
+        }
+    });
+    let (addr, handle) = common::proxy::serve_tls(endless).await;
+    let (c, port) = offload_to(addr.port(), "").await;
+    let body = br#"{"origin":"hs.test","origin_server_ts":1,"pdus":[],"edus":[]}"#;
+    let (status, _) = raw_request(
+        port,
+        "PUT",
+        "matrix-federation://dest.test/_matrix/federation/v1/send/x1",
+        Some(SECRET),
+        &[(
+            "Authorization",
+            "X-Matrix origin=\"hs.test\",key=\"ed25519:a\",sig=\"c2ln\"",
+        )],
+        body,
+    );
+    assert_eq!(status, 200);
+    wait_for("the replay", Duration::from_secs(20), async || {
+        hits.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    wait_for(
+        "delivery on the status",
+        Duration::from_secs(20),
+        async || {
+            let v = c.admin_get("/_courier/admin/v1/offload").await;
+            v["outbound"]["dest.test"]["held"].as_u64().unwrap_or(0) == 0
+        },
+    )
+    .await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "delivered on the first answer"
+    );
+    handle.shutdown();
+}
+
 /// `custody = "all"`: a transaction with PDUs is held too, answered at once while the
 /// destination fails, and delivered verbatim when it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custody_all_holds_pdu_transactions_too() {
     let dest = Recorder::start().await;
     dest.answer(502, "");
-    let (c, port) = offload_to(&dest, "custody = \"all\"").await;
+    let (c, port) = offload_to(dest.addr.port(), "custody = \"all\"").await;
     let body = br#"{"origin":"hs.test","origin_server_ts":1,"pdus":[{"event_id":"$e"}],"edus":[]}"#;
     let (status, answer) = raw_request(
         port,

@@ -348,7 +348,17 @@ impl Relay {
             }
         };
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap_or_default();
+        // Only the status decides; the answer's start is kept for the logs. Reading
+        // no further bounds what a far side can make courier hold (an endless body
+        // would otherwise grow in memory until the timeout, for every replay).
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while bytes.len() < ANSWER_SNIPPET {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
         let snippet =
             String::from_utf8_lossy(&bytes[..bytes.len().min(ANSWER_SNIPPET)]).into_owned();
         Ok((status, snippet))
