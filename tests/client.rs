@@ -571,6 +571,42 @@ async fn deleting_a_device_deletes_its_token_and_inbox() {
     );
 }
 
+/// A device deleted and created again under the same ID is a new device: a txnId
+/// its predecessor used is a new request, not a retransmission.
+#[tokio::test]
+async fn a_recreated_device_does_not_inherit_its_predecessors_txn_ids() {
+    let c = Courier::start().await;
+    let api = Api::new(&c);
+    let alice = api.device("alice", "A1").await;
+    let bob = api.device("bob", "B1").await;
+    api.send(
+        &alice,
+        "m.test",
+        "t1",
+        json!({ &bob.user_id: {"B1": {"n": 1}} }),
+    )
+    .await;
+    let path = format!("/devices/{}/A1", alice.user_id);
+    assert_eq!(api.admin(Method::DELETE, &path, None).await.0, 200);
+    let again = api.device("alice", "A1").await;
+    api.send(
+        &again,
+        "m.test",
+        "t1",
+        json!({ &bob.user_id: {"B1": {"n": 2}} }),
+    )
+    .await;
+    // A retransmission by the new device is still one.
+    api.send(
+        &again,
+        "m.test",
+        "t1",
+        json!({ &bob.user_id: {"B1": {"n": 3}} }),
+    )
+    .await;
+    assert_eq!(ns(&api.sync(&bob, None, 0).await), vec![1, 2]);
+}
+
 #[tokio::test]
 async fn an_inactive_device_has_its_pending_messages_purged() {
     let mut c = Courier::start_with("[client]\ninactive_device_purge = \"1s\"\n").await;

@@ -6,7 +6,7 @@
 //! | `POST /users`                                | `{user_id}` → `{user_id, created}` (201 or 200) |
 //! | `POST /devices`                              | `{user_id, device_id?}` → `{user_id, device_id, access_token}` |
 //! | `GET /devices/{user_id}`                     | → `{user_id, devices: [{device_id, created_ts, last_seen_ts}]}` |
-//! | `DELETE /devices/{user_id}/{device_id}`      | → `{}`; the device's token and pending inbox go with it |
+//! | `DELETE /devices/{user_id}/{device_id}`      | → `{}`; the device's token, pending inbox and txnIds go with it |
 //!
 //! `POST /devices` creates the user if needed; for an existing device it issues a new
 //! token and revokes the old one. Users must be ours (server part = `server_name`),

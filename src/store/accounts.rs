@@ -208,7 +208,11 @@ impl Store {
         Ok(token)
     }
 
-    /// Deletes a device, its token and its pending inbox. False if it did not exist.
+    /// Deletes a device, its token, its pending inbox and its txnIds. False if it did
+    /// not exist. A device created again under the same ID is a new device: its
+    /// requests are not retransmissions of the old one's (the spec scopes txnIds to a
+    /// device), so the old markers go too, one point delete each (a range tombstone
+    /// would slow every marker lookup until it is flushed).
     pub async fn delete_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
         let Some(rec) = self.device_record(user, device)? else {
             return Ok(false);
@@ -218,6 +222,11 @@ impl Store {
         b.0.delete_cf(self.cf(cf::DEVICES), &dk);
         b.0.delete_cf(self.cf(cf::TOKENS), rec.token_hash.as_bytes());
         self.inbox_delete_all(&mut b, user, device);
+        let txns = key(&[user.as_bytes(), device.as_bytes(), b""]);
+        for item in self.scan(cf::CLIENT_TXNS, &txns) {
+            let (k, _) = item?;
+            b.0.delete_cf(self.cf(cf::CLIENT_TXNS), k);
+        }
         let committed = self.commit(b).await;
         self.tokens.changed();
         committed?;
