@@ -678,6 +678,63 @@ async fn black_holed_key_servers_do_not_lock_out_a_new_peer() {
     }
 }
 
+/// `GET /user/devices/{user}` signed by `s`: the status.
+async fn signed_devices_get(t: &Courier, s: &Signer, user: &str) -> u16 {
+    let uri = format!("/_matrix/federation/v1/user/devices/{user}");
+    insecure_client()
+        .get(t.url(&uri))
+        .header("Authorization", s.header("GET", &uri, &t.server_name, None))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A new peer's first requests arrive together, while courier fetches its keys: each
+/// waits for that one fetch and none is refused (a refused request makes a sender
+/// such as Synapse back off from us).
+#[tokio::test]
+async fn requests_arriving_while_the_origins_keys_are_fetched_wait_for_them() {
+    let t = Courier::start().await;
+    let bob_id = format!("@bob:{}", t.server_name);
+    device(&t, &bob_id, "B1").await;
+    let origin = FakeOrigin::start().await;
+    origin.slow_keys(Duration::from_millis(700));
+    let s = origin.signer();
+    let statuses =
+        futures::future::join_all((0..4).map(|_| signed_devices_get(&t, &s, &bob_id))).await;
+    assert_eq!(statuses, vec![200; 4]);
+    assert_eq!(
+        t.log().matches("fetched server keys").count(),
+        1,
+        "one fetch for all four"
+    );
+}
+
+/// A key the origin moved to `old_verify_keys` stops authenticating its requests at
+/// the next fetch of its keys, even though it was cached as valid for another day.
+#[tokio::test]
+async fn a_key_the_origin_rotated_out_no_longer_authenticates() {
+    let t = Courier::start().await;
+    let bob_id = format!("@bob:{}", t.server_name);
+    device(&t, &bob_id, "B1").await;
+    let origin = FakeOrigin::start().await;
+    let before = origin.signer();
+    assert_eq!(signed_devices_get(&t, &before, &bob_id).await, 200);
+    origin.rotate();
+    let after = origin.signer();
+    // A key courier does not know makes it fetch again, once the refetch interval
+    // since the first fetch is over.
+    tokio::time::sleep(courier::federation::keys::REFETCH_INTERVAL + Duration::from_secs(1)).await;
+    assert_eq!(signed_devices_get(&t, &after, &bob_id).await, 200);
+    assert_eq!(
+        signed_devices_get(&t, &before, &bob_id).await,
+        401,
+        "the rotated-out key still authenticates"
+    );
+}
+
 #[tokio::test]
 async fn replayed_transactions_and_messages_are_processed_once_even_across_a_restart() {
     let mut t = Courier::start().await;

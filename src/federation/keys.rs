@@ -4,8 +4,10 @@
 //! lookup that X-Matrix verification uses: cache in memory and RocksDB, fetch from the
 //! server itself when a key is unknown or expired (at most once per server per
 //! `REFETCH_INTERVAL`, and a bounded number of fetches at once, so a flood of unknown
-//! origins cannot turn courier into a request cannon). A fetched key list is trusted
-//! only if it names the server we asked and is self-signed by one of its keys.
+//! origins cannot turn courier into a request cannon; a request that finds a fetch of
+//! its origin in flight waits for it). A fetched key list is trusted only if it names
+//! the server we asked and is self-signed by one of its keys, and it replaces what was
+//! cached: a key the server no longer lists stops authenticating at once.
 //! It never accepts `old_verify_keys` for requests (the spec allows them for events
 //! only).
 
@@ -64,7 +66,9 @@ pub struct RemoteKeys {
     store: Store,
     client: Arc<FederationClient>,
     memory: Mutex<HashMap<(String, String), CachedKey>>,
-    last_fetch: Mutex<HashMap<String, Instant>>,
+    /// Per server: when its keys were last fetched, behind a lock held for the
+    /// fetch, so a request that arrives while one is in flight waits for its keys.
+    last_fetch: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
     fetches: Semaphore,
 }
 
@@ -113,30 +117,41 @@ impl RemoteKeys {
     }
 
     /// Fetches and caches `server`'s keys, unless fetched within `REFETCH_INTERVAL`.
+    /// A caller that finds a fetch of `server` in flight waits for it (a bounded
+    /// time) and uses what it found: the first requests of a new peer arrive
+    /// together, and all of them deserve its keys.
     async fn fetch(&self, server: &ServerName) -> Result<(), KeyError> {
-        // A slot first (waiting a bounded time: slots held by key servers that never
+        let busy = |detail: &str| KeyError::Fetch {
+            server: server.to_string(),
+            detail: detail.into(),
+        };
+        let slot = {
+            let mut last = self.last_fetch.lock().expect("last_fetch");
+            if last.len() > 100_000 {
+                last.retain(|_, slot| {
+                    Arc::strong_count(slot) > 1
+                        || slot
+                            .try_lock()
+                            .map_or(true, |t| t.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL))
+                });
+            }
+            last.entry(server.to_string()).or_default().clone()
+        };
+        let mut last = tokio::time::timeout(KEY_FETCH_TIMEOUT, slot.lock())
+            .await
+            .map_err(|_| busy("a fetch of its keys is still in progress"))?;
+        if last.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL) {
+            return Ok(());
+        }
+        // A slot next (waiting a bounded time: slots held by key servers that never
         // answer free up within KEY_FETCH_TIMEOUT); a fetch that never got one must
         // not count as a fetch.
         let _permit = tokio::time::timeout(KEY_FETCH_TIMEOUT, self.fetches.acquire())
             .await
             .ok()
             .and_then(Result::ok)
-            .ok_or_else(|| KeyError::Fetch {
-                server: server.to_string(),
-                detail: "too many key fetches in progress".into(),
-            })?;
-        {
-            let mut last = self.last_fetch.lock().expect("last_fetch");
-            if let Some(t) = last.get(server.as_str())
-                && t.elapsed() < REFETCH_INTERVAL
-            {
-                return Ok(());
-            }
-            if last.len() > 100_000 {
-                last.retain(|_, t| t.elapsed() < REFETCH_INTERVAL);
-            }
-            last.insert(server.to_string(), Instant::now());
-        }
+            .ok_or_else(|| busy("too many key fetches in progress"))?;
+        *last = Some(Instant::now());
         let fail = |detail: String| KeyError::Fetch {
             server: server.to_string(),
             detail,
@@ -161,6 +176,8 @@ impl RemoteKeys {
             .await
             .map_err(|e| KeyError::Store(e.to_string()))?;
         let mut mem = self.memory.lock().expect("keys");
+        // The fresh list replaces what was cached, as in the store.
+        mem.retain(|(s, _), _| s != server.as_str());
         for (id, k) in keys {
             mem.insert((server.to_string(), id), k);
         }

@@ -35,13 +35,23 @@ impl Store {
         }
     }
 
-    /// Caches verified keys of `server` (key id -> key), durably.
+    /// Caches verified keys of `server` (key id -> key), durably, in place of those
+    /// cached before: a key the server no longer lists in `verify_keys` (rotated out,
+    /// or moved to `old_verify_keys`) no longer authenticates its requests.
     pub async fn put_server_keys(
         &self,
         server: &str,
         keys: &[(String, CachedKey)],
     ) -> Result<(), StoreError> {
         let mut b = Batch::new();
+        let prefix = key(&[server.as_bytes(), b""]);
+        for item in self.scan(cf::SERVER_KEYS, &prefix) {
+            let (k, _) = item?;
+            let key_id = &k[prefix.len()..];
+            if !keys.iter().any(|(id, _)| id.as_bytes() == key_id) {
+                b.0.delete_cf(self.cf(cf::SERVER_KEYS), k);
+            }
+        }
         for (key_id, k) in keys {
             let v = serde_json::to_vec(k).expect("plain struct serializes");
             b.0.put_cf(
@@ -70,8 +80,24 @@ mod tests {
         s.put_server_keys("a.example", &[("ed25519:1".into(), k.clone())])
             .await
             .unwrap();
-        assert_eq!(s.server_key("a.example", "ed25519:1").unwrap(), Some(k));
+        assert_eq!(
+            s.server_key("a.example", "ed25519:1").unwrap(),
+            Some(k.clone())
+        );
         assert_eq!(s.server_key("a.example", "ed25519:2").unwrap(), None);
         assert_eq!(s.server_key("a.exampl", "ed25519:1").unwrap(), None);
+        // A later list replaces the earlier one; other servers keep theirs.
+        s.put_server_keys("a.exampl", &[("ed25519:1".into(), k.clone())])
+            .await
+            .unwrap();
+        s.put_server_keys("a.example", &[("ed25519:2".into(), k.clone())])
+            .await
+            .unwrap();
+        assert_eq!(s.server_key("a.example", "ed25519:1").unwrap(), None);
+        assert_eq!(
+            s.server_key("a.example", "ed25519:2").unwrap(),
+            Some(k.clone())
+        );
+        assert_eq!(s.server_key("a.exampl", "ed25519:1").unwrap(), Some(k));
     }
 }

@@ -409,26 +409,54 @@ impl Signer {
 /// A federation peer that is nothing but a key server: `127.0.0.1:port` publishes a
 /// fresh key at `/_matrix/key/v2/server`, so couriers accept what [`Self::signer`]
 /// signs. Cheaper than a whole courier as the origin of hand-made transactions.
+/// [`Self::rotate`] publishes a new key and lists the old one under
+/// `old_verify_keys`; [`Self::slow_keys`] delays the key server's answers.
 pub struct FakeOrigin {
     pub name: String,
-    key: courier::signing::SigningKey,
+    key: Arc<Mutex<courier::signing::SigningKey>>,
+    old: Arc<Mutex<Option<courier::signing::SigningKey>>>,
+    delay: Arc<Mutex<Duration>>,
     handle: axum_server::Handle<SocketAddr>,
 }
 
 impl FakeOrigin {
     pub async fn start() -> FakeOrigin {
-        let key = courier::signing::SigningKey::generate("fake").unwrap();
+        let key = Arc::new(Mutex::new(
+            courier::signing::SigningKey::generate("fake").unwrap(),
+        ));
+        let old: Arc<Mutex<Option<courier::signing::SigningKey>>> = Arc::default();
+        let delay: Arc<Mutex<Duration>> = Arc::default();
         let name: Arc<Mutex<String>> = Arc::default();
-        let (key2, name2) = (key.clone(), name.clone());
+        let (key2, old2, delay2, name2) = (key.clone(), old.clone(), delay.clone(), name.clone());
         let app = axum::Router::new().route(
             "/_matrix/key/v2/server",
             axum::routing::get(move || {
-                let body = courier::federation::keys::our_server_keys(
-                    &name2.lock().unwrap(),
-                    &key2,
-                    courier::store::now_ms() + 24 * 3600 * 1000,
-                );
-                async move { axum::Json(body) }
+                let now = courier::store::now_ms();
+                let name = name2.lock().unwrap().clone();
+                let key = key2.lock().unwrap().clone();
+                let mut body =
+                    courier::federation::keys::our_server_keys(&name, &key, now + 24 * 3600 * 1000);
+                if let Some(old) = old2.lock().unwrap().clone() {
+                    let obj = body.as_object_mut().unwrap();
+                    obj.remove("signatures");
+                    obj.insert(
+                        "old_verify_keys".into(),
+                        serde_json::json!({ old.key_id(): {
+                            "key": old.public_key_base64(), "expired_ts": now - 1000 }}),
+                    );
+                    courier::signing::sign_json(
+                        obj,
+                        &name,
+                        &key,
+                        courier::signing::canonical::NumberMode::Strict,
+                    )
+                    .unwrap();
+                }
+                let delay = *delay2.lock().unwrap();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    axum::Json(body)
+                }
             }),
         );
         let (addr, handle) = serve_tls(app).await;
@@ -437,15 +465,30 @@ impl FakeOrigin {
         FakeOrigin {
             name: server_name,
             key,
+            old,
+            delay,
             handle,
         }
     }
 
+    /// Signs with the key published now.
     pub fn signer(&self) -> Signer {
         Signer {
             origin: self.name.clone(),
-            key: self.key.clone(),
+            key: self.key.lock().unwrap().clone(),
         }
+    }
+
+    /// Publishes a new key; the current one moves to `old_verify_keys`.
+    pub fn rotate(&self) {
+        let fresh = courier::signing::SigningKey::generate("fresh").unwrap();
+        let previous = std::mem::replace(&mut *self.key.lock().unwrap(), fresh);
+        *self.old.lock().unwrap() = Some(previous);
+    }
+
+    /// The key server answers after `delay` from now on.
+    pub fn slow_keys(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
     }
 }
 
