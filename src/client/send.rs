@@ -76,6 +76,7 @@ pub async fn send_to_device(
         app.config.server_name.as_str(),
         app.config.client.max_message_bytes,
     )?;
+    let devices_stable = app.store.devices_stable().await;
     let local = local_deliveries(&app.store, &device.user_id, &event_type, &request.local)?;
     let edus: Vec<(String, Vec<u8>)> = request
         .remote
@@ -130,6 +131,7 @@ pub async fn send_to_device(
     let task_app = app.clone();
     let committed = tokio::spawn(async move {
         task_app.store.append(ops).await?;
+        drop(devices_stable);
         drop(guard);
         for (user, dev) in &woken {
             task_app.notifier.wake_device(user, dev);

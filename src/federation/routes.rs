@@ -150,6 +150,7 @@ async fn send(
             "too many concurrent transactions",
         )
     })?;
+    let devices_stable = app.store.devices_stable().await;
     let prepared = inbound::prepare(
         &app.store,
         app.config.server_name.as_str(),
@@ -170,6 +171,7 @@ async fn send(
             let woken = acc.woken;
             tokio::spawn(async move {
                 task_app.store.append(ops).await?;
+                drop(devices_stable);
                 drop(guard);
                 for (user, device) in &woken {
                     task_app.notifier.wake_device(user, device);

@@ -214,6 +214,8 @@ impl Store {
     /// device), so the old markers go too, one point delete each (a range tombstone
     /// would slow every marker lookup until it is flushed).
     pub async fn delete_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
+        // Waits for requests that found this device to write their rows first.
+        let _no_lookups = self.devices.write().await;
         let Some(rec) = self.device_record(user, device)? else {
             return Ok(false);
         };
@@ -398,6 +400,37 @@ mod tests {
         assert_eq!(c.get(&[1; 32]), Ok(owner));
         c.changed();
         assert!(c.get(&[1; 32]).is_err(), "a change forgets every owner");
+    }
+
+    #[tokio::test]
+    async fn a_deletion_waits_for_rows_of_requests_that_found_the_device() {
+        let (_d, s) = temp_store();
+        s.add_device("@a:x", "D1").await.unwrap();
+        // A request found D1 and is about to write its row...
+        let stable = s.devices_stable().await;
+        assert!(s.device_exists("@a:x", "D1").unwrap());
+        let deleting = tokio::spawn({
+            let s = s.clone();
+            async move { s.delete_device("@a:x", "D1").await.unwrap() }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !deleting.is_finished(),
+            "the deletion waits for the request"
+        );
+        s.append(vec![super::super::Append::Inbox {
+            user: "@a:x".into(),
+            device: "D1".into(),
+            event: b"{}".to_vec(),
+        }])
+        .await
+        .unwrap();
+        drop(stable);
+        assert!(deleting.await.unwrap());
+        // ...so the deletion takes that row with the device.
+        assert_eq!(s.inbox_len("@a:x", "D1").unwrap(), 0);
+        s.add_device("@a:x", "D1").await.unwrap();
+        assert!(s.inbox_page("@a:x", "D1", 0, 10).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -148,7 +148,14 @@ pub struct Store {
     tails: Arc<tail::Tails>,
     /// Owners of access tokens in use (see `store::accounts`).
     tokens: Arc<accounts::TokenCache>,
+    /// Held for reading from the moment a request looks up which devices exist until
+    /// its inbox rows are written, and for writing by a device's deletion (see
+    /// [`Store::devices_stable`]).
+    devices: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// While held, no device is deleted (see [`Store::devices_stable`]).
+pub type DevicesStable = tokio::sync::OwnedRwLockReadGuard<()>;
 
 /// One write that consumes a sequence number (or rides along with those that do),
 /// for [`Store::append`].
@@ -269,7 +276,17 @@ impl Store {
             last_seq,
             tails,
             tokens: Arc::default(),
+            devices: Arc::default(),
         })
+    }
+
+    /// Keeps the set of devices from shrinking while held. A request takes it before
+    /// it looks up its recipients' devices and drops it once their rows are written,
+    /// so a deletion never lands in between: rows written after it would be left in
+    /// an inbox no sync serves and no purge visits, and served to a device created
+    /// again under the same ID.
+    pub async fn devices_stable(&self) -> DevicesStable {
+        self.devices.clone().read_owned().await
     }
 
     /// Writes `ops` durably, giving the inbox and outbox rows fresh sequence numbers
