@@ -25,7 +25,7 @@ pub struct AppInner {
     pub store: Store,
     pub key: Arc<SigningKey>,
     pub federation: Arc<FederationClient>,
-    pub remote_keys: RemoteKeys,
+    pub remote_keys: Arc<RemoteKeys>,
     pub sender: Sender,
     pub notifier: Notifier,
     /// Origins with a transaction being processed.
@@ -48,13 +48,18 @@ impl App {
             key.clone(),
             &config.federation,
         )?);
-        let remote_keys = RemoteKeys::new(store.clone(), federation.clone());
+        let remote_keys = Arc::new(RemoteKeys::new(store.clone(), federation.clone()));
         let sender = Sender::new(
             store.clone(),
             federation.clone(),
             SenderConfig::from_config(&config.federation),
         );
-        let relay = Relay::new(store.clone(), federation.clone(), &config)?;
+        let relay = Relay::new(
+            store.clone(),
+            federation.clone(),
+            remote_keys.clone(),
+            &config,
+        )?;
         Ok(App(Arc::new(AppInner {
             config,
             store,

@@ -636,6 +636,141 @@ homeserver_backoff_max = "1s"
     assert_eq!(r.status(), 404);
 }
 
+/// A held transaction the homeserver refuses as unauthenticated is retried while its
+/// origin still publishes the key it was signed with (the homeserver may just have
+/// failed to fetch it), and parked once the origin rotated that key out: no replay
+/// could ever pass, and it would block every transaction behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_transaction_signed_with_a_key_rotated_out_is_parked_not_retried_forever() {
+    let hs = Recorder::start().await;
+    let origin = FakeOrigin::start().await;
+    let edge_port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{edge_port}"
+resources = ["edge"]
+
+[offload]
+homeserver_name = "hs.test"
+homeserver_url = "https://127.0.0.1:{hs_port}"
+verify_homeserver_certificate = false
+homeserver_backoff_max = "1s"
+{FAST}"#,
+        hs_port = hs.addr.port()
+    ))
+    .await;
+    let client = insecure_client();
+    let put = async |txn: &str| {
+        let signer = origin.signer();
+        let uri = format!("/_matrix/federation/v1/send/{txn}");
+        let body = json!({"origin": origin.name, "origin_server_ts": 1, "pdus": [],
+            "edus": [{"edu_type": "m.direct_to_device", "content": {"txn": txn}}]});
+        client
+            .put(format!("https://127.0.0.1:{edge_port}{uri}"))
+            .header(
+                "Authorization",
+                signer.header("PUT", &uri, "hs.test", Some(&body)),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let view =
+        async || c.admin_get("/_courier/admin/v1/offload").await["inbound"][&origin.name].clone();
+
+    hs.answer(
+        401,
+        r#"{"errcode":"M_UNAUTHORIZED","error":"Failed to find any key"}"#,
+    );
+    assert_eq!(put("k1").await, 200);
+    wait_for("401s retried", Duration::from_secs(20), async || {
+        view().await["failures"].as_u64().unwrap_or(0) >= 3
+    })
+    .await;
+    let v = view().await;
+    assert_eq!(
+        (v["held"].as_u64(), v["parked"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+
+    // The origin rotates its key: k1 can no longer be verified by anyone.
+    origin.rotate();
+    wait_for("k1 parked", Duration::from_secs(60), async || {
+        view().await["parked"] == 1
+    })
+    .await;
+    assert_eq!(view().await["held"], 0);
+    assert!(c.log().contains("no longer publishes"), "{}", c.log());
+
+    // What the origin signs now goes through.
+    hs.answer(200, r#"{"pdus":{}}"#);
+    assert_eq!(put("k2").await, 200);
+    wait_for("k2 delivered", Duration::from_secs(20), async || {
+        arrivals(&hs).last().map(String::as_str) == Some("k2")
+    })
+    .await;
+    assert_eq!(arrivals(&hs), ["k1", "k2"]);
+}
+
+/// The other side of that rule: a 401 is retried, never parked, while the origin's
+/// key server cannot be asked (here it answers too slowly), however often the
+/// destination refuses; the transaction goes through once the destination accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_is_retried_while_the_origins_key_server_cannot_be_asked() {
+    let dest = Recorder::start().await;
+    let origin = FakeOrigin::start().await;
+    // Longer than courier waits for a key server.
+    origin.slow_keys(Duration::from_secs(15));
+    let (c, port) = offload_to(dest.addr.port(), "").await;
+    dest.answer(
+        401,
+        r#"{"errcode":"M_UNAUTHORIZED","error":"Failed to find any key"}"#,
+    );
+    let body = json!({"origin": origin.name, "origin_server_ts": 1, "pdus": [],
+        "edus": [{"edu_type": "m.direct_to_device", "content": {}}]});
+    let uri = "/_matrix/federation/v1/send/s1";
+    let auth = origin.signer().header("PUT", uri, "dest.test", Some(&body));
+    let (status, _) = raw_request(
+        port,
+        "PUT",
+        &format!("matrix-federation://dest.test{uri}"),
+        Some(SECRET),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let view =
+        async || c.admin_get("/_courier/admin/v1/offload").await["outbound"]["dest.test"].clone();
+    // The first key fetch times out; the retries after it find it failed.
+    wait_for("401s retried", Duration::from_secs(40), async || {
+        view().await["failures"].as_u64().unwrap_or(0) >= 4
+    })
+    .await;
+    let v = view().await;
+    assert_eq!(
+        (v["held"].as_u64(), v["parked"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+    dest.answer(200, r#"{"pdus":{}}"#);
+    wait_for("s1 delivered", Duration::from_secs(30), async || {
+        held(&c, "outbound", "dest.test").await == 0
+    })
+    .await;
+    // A queue with nothing held or parked drops out of the view.
+    assert_eq!(view().await["parked"].as_u64().unwrap_or(0), 0);
+    assert!(!c.log().contains("no longer publishes"), "{}", c.log());
+    assert_eq!(arrivals(&dest), ["s1"]);
+}
+
 /// The edge's prefix check holds for the path the homeserver receives: targets that an
 /// HTTP client would resolve out of `/_matrix/federation/` (dot segments, `%2e`,
 /// backslashes) are refused, passed through or held, and never reach the homeserver.

@@ -66,9 +66,10 @@ pub struct RemoteKeys {
     store: Store,
     client: Arc<FederationClient>,
     memory: Mutex<HashMap<(String, String), CachedKey>>,
-    /// Per server: when its keys were last fetched, behind a lock held for the
-    /// fetch, so a request that arrives while one is in flight waits for its keys.
-    last_fetch: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
+    /// Per server: when its keys were last fetched and whether that worked, behind
+    /// a lock held for the fetch, so a request that arrives while one is in flight
+    /// waits for its keys.
+    last_fetch: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LastFetch>>>>>,
     fetches: Semaphore,
 }
 
@@ -101,6 +102,20 @@ impl RemoteKeys {
         }
     }
 
+    /// Whether `server` still lists `key_id` in its `verify_keys`, as its key server
+    /// answered just now (or within `REFETCH_INTERVAL`). An error means it cannot be
+    /// told: the key server did not answer, or not with a valid key list.
+    pub async fn still_published(
+        &self,
+        server: &ServerName,
+        key_id: &str,
+    ) -> Result<bool, KeyError> {
+        self.fetch(server).await?;
+        Ok(self
+            .cached(server.as_str(), key_id)?
+            .is_some_and(|k| k.valid_until_ts >= now_ms()))
+    }
+
     fn cached(&self, server: &str, key_id: &str) -> Result<Option<CachedKey>, KeyError> {
         let mk = (server.to_owned(), key_id.to_owned());
         if let Some(k) = self.memory.lock().expect("keys").get(&mk) {
@@ -116,7 +131,8 @@ impl RemoteKeys {
         Ok(found)
     }
 
-    /// Fetches and caches `server`'s keys, unless fetched within `REFETCH_INTERVAL`.
+    /// Fetches and caches `server`'s keys, unless fetched within `REFETCH_INTERVAL`
+    /// (then the outcome of that fetch stands).
     /// A caller that finds a fetch of `server` in flight waits for it (a bounded
     /// time) and uses what it found: the first requests of a new peer arrive
     /// together, and all of them deserve its keys.
@@ -130,9 +146,9 @@ impl RemoteKeys {
             if last.len() > 100_000 {
                 last.retain(|_, slot| {
                     Arc::strong_count(slot) > 1
-                        || slot
-                            .try_lock()
-                            .map_or(true, |t| t.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL))
+                        || slot.try_lock().map_or(true, |t| {
+                            t.is_some_and(|t| t.at.elapsed() < REFETCH_INTERVAL)
+                        })
                 });
             }
             last.entry(server.to_string()).or_default().clone()
@@ -140,8 +156,14 @@ impl RemoteKeys {
         let mut last = tokio::time::timeout(KEY_FETCH_TIMEOUT, slot.lock())
             .await
             .map_err(|_| busy("a fetch of its keys is still in progress"))?;
-        if last.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL) {
-            return Ok(());
+        if let Some(t) = *last
+            && t.at.elapsed() < REFETCH_INTERVAL
+        {
+            return if t.ok {
+                Ok(())
+            } else {
+                Err(busy("its last fetch failed; trying again within 30 s"))
+            };
         }
         // A slot next (waiting a bounded time: slots held by key servers that never
         // answer free up within KEY_FETCH_TIMEOUT); a fetch that never got one must
@@ -151,7 +173,20 @@ impl RemoteKeys {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| busy("too many key fetches in progress"))?;
-        *last = Some(Instant::now());
+        *last = Some(LastFetch {
+            at: Instant::now(),
+            ok: false,
+        });
+        self.fetch_now(server).await?;
+        *last = Some(LastFetch {
+            at: Instant::now(),
+            ok: true,
+        });
+        Ok(())
+    }
+
+    /// One fetch of `server`'s keys, cached if valid.
+    async fn fetch_now(&self, server: &ServerName) -> Result<(), KeyError> {
         let fail = |detail: String| KeyError::Fetch {
             server: server.to_string(),
             detail,
@@ -183,6 +218,13 @@ impl RemoteKeys {
         }
         Ok(())
     }
+}
+
+/// One server's last key fetch.
+#[derive(Debug, Clone, Copy)]
+struct LastFetch {
+    at: Instant,
+    ok: bool,
 }
 
 fn parse(server: &ServerName, key_id: &str, b64: &str) -> Result<VerifyingKey, KeyError> {

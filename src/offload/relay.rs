@@ -3,7 +3,10 @@
 //!
 //! Owns the delivery loops and timers of offload mode's custody. Invariants:
 //! - a held transaction leaves the store only on the far side's 2xx (deleted) or a
-//!   definitive refusal of it (parked, with the reason); never by age or at start-up;
+//!   definitive refusal of it (parked, with the reason); never by age or at start-up.
+//!   Definitive: a 4xx other than 401/408/429, or a 401 once its origin's key server
+//!   no longer lists the key it was signed with (rotated out while courier held it:
+//!   no replay can pass, and it would block its queue for good);
 //! - it is replayed byte for byte: same target, same `Authorization`, same body (the
 //!   origin's signature covers them; a changed byte would be refused);
 //! - a failing queue backs off exponentially, with the schedule persisted in the store,
@@ -25,9 +28,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::federation::client::FederationClient;
+use crate::federation::keys::RemoteKeys;
 use crate::federation::retry::{Outcome, Policy, classify};
 use crate::ids::ServerName;
 use crate::offload::forward::{self, Homeserver};
+use crate::signing::xmatrix;
 use crate::store::custody::{Dir, Held, QueueState};
 use crate::store::{Batch, Store, StoreError, now_ms};
 
@@ -47,6 +52,7 @@ pub struct Relay {
 struct Inner {
     store: Store,
     federation: Arc<FederationClient>,
+    keys: Arc<RemoteKeys>,
     homeserver: Option<Homeserver>,
     out_policy: Policy,
     in_policy: Policy,
@@ -65,6 +71,7 @@ impl Relay {
     pub fn new(
         store: Store,
         federation: Arc<FederationClient>,
+        keys: Arc<RemoteKeys>,
         config: &crate::config::Config,
     ) -> Result<Relay, reqwest::Error> {
         let f = &config.federation;
@@ -88,6 +95,7 @@ impl Relay {
             inner: Arc::new(Inner {
                 store,
                 federation,
+                keys,
                 homeserver,
                 out_policy,
                 in_policy,
@@ -239,7 +247,15 @@ impl Relay {
             Err(e) => (None, e),
         };
         let labels = [("direction", dir.tag())];
-        match classify(status) {
+        let mut outcome = classify(status);
+        let mut detail = detail;
+        if status == Some(401)
+            && let Some(why) = self.withdrawn_key(&held).await
+        {
+            outcome = Outcome::Refused;
+            detail = format!("{detail} ({why})");
+        }
+        match outcome {
             Outcome::Delivered => {
                 let mut b = Batch::new();
                 store.custody_ack(&mut b, dir, queue, held.seq);
@@ -307,6 +323,40 @@ impl Relay {
                 Ok(Step::Sent)
             }
         }
+    }
+
+    /// For a held transaction the far side answered 401: `Some(why)` when no replay
+    /// can ever pass, because its origin's key server no longer lists the key it was
+    /// signed with. `None` when the key is still listed or that cannot be told (the
+    /// key server is down): the 401 may then pass (the far side failed to fetch the
+    /// keys), so the transaction is retried.
+    async fn withdrawn_key(&self, held: &Held) -> Option<String> {
+        let mut withdrawn = None;
+        for (name, value) in &held.envelope.headers {
+            if !name.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
+            let Ok(x) = xmatrix::parse(value) else {
+                continue;
+            };
+            let Ok(origin) = ServerName::parse(&x.origin) else {
+                continue;
+            };
+            match self.inner.keys.still_published(&origin, &x.key).await {
+                Ok(false) => {
+                    withdrawn = Some(format!(
+                        "signed with {}, which {} no longer publishes",
+                        x.key, x.origin
+                    ))
+                }
+                Ok(true) => return None,
+                Err(e) => {
+                    tracing::info!(origin = %origin, error = %e, "cannot tell whether a held transaction's key is still published");
+                    return None;
+                }
+            }
+        }
+        withdrawn
     }
 
     /// Sends `held` unchanged; returns the status and the start of the answer.
