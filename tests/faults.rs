@@ -272,6 +272,33 @@ async fn retries_follow_the_persisted_backoff_schedule_and_survive_a_restart() {
     .await;
 }
 
+/// A persisted schedule further ahead than the policy ever sets (the wall clock
+/// stepped back since it was written, or, as here, the operator lowered
+/// `backoff_max` and restarted) is due at once: honouring it would stall the
+/// destination for the old hour, across restarts.
+#[tokio::test]
+async fn a_schedule_beyond_backoff_max_is_due_at_once() {
+    let mut rig = Rig::start("backoff_initial = \"1h\"\nbackoff_max = \"1h\"").await;
+    rig.proxy.set(Fault::Reset);
+    rig.send(0..1).await;
+    let d = rig
+        .wait_for("a failure", |d| d["failures"].as_u64().unwrap_or(0) >= 1)
+        .await;
+    assert!(d["retry_in_ms"].as_u64().unwrap() > 600_000, "{d}");
+
+    rig.a.kill();
+    let config = std::fs::read_to_string(rig.a.config_path()).unwrap();
+    let lowered = config
+        .replace("backoff_initial = \"1h\"", "backoff_initial = \"100ms\"")
+        .replace("backoff_max = \"1h\"", "backoff_max = \"1s\"");
+    assert_ne!(config, lowered);
+    std::fs::write(rig.a.config_path(), lowered).unwrap();
+    rig.proxy.set(Fault::Pass);
+    rig.a.spawn().await;
+    let seen = sync_until(&rig.b.base(), &rig.bob, 1, GUARD).await;
+    assert_exactly_once(&seen, 1);
+}
+
 /// An authenticated request from a destination that A is backing off from proves it
 /// is up: A resets the backoff at once and delivers, instead of waiting out a minute.
 #[tokio::test]

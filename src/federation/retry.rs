@@ -46,6 +46,16 @@ impl Policy {
         let spread = capped * (0.8 + 0.4 * jitter.clamp(0.0, 1.0));
         Duration::from_secs_f64(spread.min(self.max.as_secs_f64()))
     }
+
+    /// How long a queue scheduled for `next_attempt_ts` (wall clock, ms) still waits
+    /// at `now`; `None` when it is due. A schedule further ahead than this policy
+    /// ever sets one is due as well: the clock stepped back since it was written (or
+    /// `max` was lowered), and honouring it would stall the queue for as long as the
+    /// step, across restarts, since the schedule is persisted.
+    pub fn remaining(&self, next_attempt_ts: u64, now: u64) -> Option<Duration> {
+        let ahead = Duration::from_millis(next_attempt_ts.checked_sub(now)?);
+        (!ahead.is_zero() && ahead <= self.max).then_some(ahead)
+    }
 }
 
 #[cfg(test)]
@@ -67,6 +77,19 @@ mod tests {
         for s in [400, 403, 404, 413] {
             assert_eq!(classify(Some(s)), Outcome::Refused, "{s}");
         }
+    }
+
+    #[test]
+    fn a_schedule_beyond_the_policy_is_due() {
+        let now = 1_000_000_000;
+        assert_eq!(P.remaining(now - 1, now), None);
+        assert_eq!(P.remaining(now, now), None);
+        assert_eq!(P.remaining(now + 5000, now), Some(Duration::from_secs(5)));
+        let max = P.max.as_millis() as u64;
+        assert_eq!(P.remaining(now + max, now), Some(P.max));
+        // Written before the clock stepped back a day.
+        assert_eq!(P.remaining(now + max + 1, now), None);
+        assert_eq!(P.remaining(now + 86_400_000, now), None);
     }
 
     #[test]

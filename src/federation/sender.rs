@@ -86,6 +86,8 @@ struct Inner {
     queued: Mutex<HashMap<String, u64>>,
     /// Destinations known to be backing off (saves a store read per inbound request).
     backing_off: Mutex<HashSet<String>>,
+    /// Destinations whose running task is to reset its backoff (see `peer_is_up`).
+    reset_backoff: Mutex<HashSet<String>>,
     timers: mpsc::UnboundedSender<(Instant, String)>,
     timer_rx: Mutex<Option<mpsc::UnboundedReceiver<(Instant, String)>>>,
     /// Transactions in flight at once, up to `max_concurrent` (see `federation::limit`).
@@ -104,6 +106,7 @@ impl Sender {
                 active: Mutex::default(),
                 queued: Mutex::default(),
                 backing_off: Mutex::default(),
+                reset_backoff: Mutex::default(),
                 timers: tx,
                 timer_rx: Mutex::new(Some(rx)),
             }),
@@ -203,6 +206,12 @@ impl Sender {
 
     /// An authenticated request came from `dest`: it is evidently up. Resets its
     /// backoff and wakes its queue.
+    ///
+    /// The destination's state record is its delivery task's (it names the
+    /// transaction in flight and the acknowledged mark): while a task runs, it is
+    /// asked to reset the backoff itself at its next step, since a write from here
+    /// could put back an in-flight record the task has moved past. Only with no task
+    /// running (checked, and kept so, under the lock `wake` takes) is it written here.
     pub fn peer_is_up(&self, dest: &str) {
         if !self
             .inner
@@ -213,27 +222,42 @@ impl Sender {
         {
             return;
         }
+        let active = self.inner.active.lock().expect("active");
+        if let Some(flag) = active.get(dest) {
+            self.inner
+                .reset_backoff
+                .lock()
+                .expect("reset_backoff")
+                .insert(dest.to_owned());
+            flag.store(true, Ordering::SeqCst);
+            return;
+        }
         let store = &self.inner.store;
         match store.dest_state(dest) {
             Ok(mut st) if st.failures > 0 || st.next_attempt_ts > 0 => {
-                tracing::info!(
-                    destination = dest,
-                    failures = st.failures,
-                    "destination is back: backoff reset"
-                );
+                log_reset(dest, &st);
                 st.failures = 0;
                 st.next_attempt_ts = 0;
                 if let Err(e) = store.write_dest_state(dest, &st) {
                     tracing::warn!(destination = dest, error = %e, "cannot reset backoff");
                 }
-                metrics::counter!("courier_backoff_resets_total").increment(1);
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(destination = dest, error = %e, "cannot read destination state")
             }
         }
+        drop(active);
         self.wake(dest);
+    }
+
+    /// Whether `peer_is_up` asked `dest`'s running task to reset its backoff.
+    fn take_reset(&self, dest: &str) -> bool {
+        self.inner
+            .reset_backoff
+            .lock()
+            .expect("reset_backoff")
+            .remove(dest)
     }
 
     /// Delivers `dest`'s queue until it is empty or the destination fails.
@@ -287,8 +311,15 @@ impl Sender {
             Some(n) => (n.state, Some(n.write), n.prepared),
             None => (store.dest_state(dest)?, None, None),
         };
+        // Written with this step's next record of `st`.
+        let reset = self.take_reset(dest) && (st.failures > 0 || st.next_attempt_ts > 0);
+        if reset {
+            log_reset(dest, &st);
+            st.failures = 0;
+            st.next_attempt_ts = 0;
+        }
         let now = now_ms();
-        if st.next_attempt_ts > now {
+        if let Some(wait) = self.inner.config.policy.remaining(st.next_attempt_ts, now) {
             if let Some(b) = pending.take() {
                 store.commit_unsynced(b)?;
             }
@@ -297,9 +328,7 @@ impl Sender {
                 .lock()
                 .expect("backing_off")
                 .insert(dest.to_owned());
-            return Ok(Step::BackOff(
-                Instant::now() + Duration::from_millis(st.next_attempt_ts - now),
-            ));
+            return Ok(Step::BackOff(Instant::now() + wait));
         }
         // The permit first: a transaction in memory (its EDUs, its body) exists only
         // while it holds one, so at most `max_concurrent` of them do. Taken after
@@ -344,7 +373,7 @@ impl Sender {
                     None => next_transaction(store, dest, &mut st, *max_rows, max_bytes)?,
                 };
                 let Some((inflight, rows)) = found else {
-                    if pending.is_some() || st.inflight.is_some() || st.failures > 0 {
+                    if pending.is_some() || st.inflight.is_some() || st.failures > 0 || reset {
                         st.inflight = None;
                         store.write_dest_state_with(
                             pending.take().unwrap_or_default(),
@@ -550,6 +579,15 @@ impl Sender {
             }
         }
     }
+}
+
+fn log_reset(dest: &str, st: &DestState) {
+    tracing::info!(
+        destination = dest,
+        failures = st.failures,
+        "destination is back: backoff reset"
+    );
+    metrics::counter!("courier_backoff_resets_total").increment(1);
 }
 
 /// Forms a fresh transaction from the queue head (above `st.acked_seq`) and sets it

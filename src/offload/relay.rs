@@ -185,6 +185,14 @@ impl Relay {
         }
     }
 
+    /// The backoff policy of `dir`'s queues.
+    fn policy(&self, dir: Dir) -> &Policy {
+        match dir {
+            Dir::Out => &self.inner.out_policy,
+            Dir::In => &self.inner.in_policy,
+        }
+    }
+
     /// Marks `dest`'s outbound queue as backing off or not; returns whether it was.
     fn backing_off(&self, dest: &str, on: bool) -> bool {
         let mut set = self.inner.backing_off.lock().expect("backing_off");
@@ -226,10 +234,8 @@ impl Relay {
         let store = &self.inner.store;
         let mut st = store.custody_state(dir, queue)?;
         let now = now_ms();
-        if st.next_attempt_ts > now {
-            return Ok(Step::BackOff(
-                Instant::now() + Duration::from_millis(st.next_attempt_ts - now),
-            ));
+        if let Some(wait) = self.policy(dir).remaining(st.next_attempt_ts, now) {
+            return Ok(Step::BackOff(Instant::now() + wait));
         }
         let Some(held) = store.custody_head(dir, queue)? else {
             if st != QueueState::default() {
@@ -277,11 +283,7 @@ impl Relay {
             Outcome::Retry => {
                 st.failures = st.failures.saturating_add(1);
                 let jitter: f64 = rand::rng().random_range(0.0..1.0);
-                let policy = match dir {
-                    Dir::Out => &self.inner.out_policy,
-                    Dir::In => &self.inner.in_policy,
-                };
-                let delay = policy.delay(st.failures, jitter);
+                let delay = self.policy(dir).delay(st.failures, jitter);
                 st.next_attempt_ts = now_ms() + delay.as_millis() as u64;
                 let why = match status {
                     Some(s) => format!("HTTP {s}: {detail}"),
