@@ -12,7 +12,10 @@ use std::time::Duration;
 pub enum Outcome {
     /// 200: the EDUs are the destination's now; delete them.
     Delivered,
-    /// Try the same transaction again later (connection error, timeout, 5xx, 401, 429).
+    /// Try the same transaction again later: no answer, 5xx, 401, 408, 429, and the
+    /// answers that speak of the address rather than of the transaction (3xx, 404,
+    /// 405: a reverse proxy in maintenance or misrouted). Those say nothing about the
+    /// EDUs; splitting and parking on them would park a whole queue in seconds.
     Retry,
     /// The destination refuses this transaction for good (other 4xx): split it, or
     /// park its single EDU.
@@ -23,7 +26,8 @@ pub enum Outcome {
 pub fn classify(status: Option<u16>) -> Outcome {
     match status {
         Some(200..=299) => Outcome::Delivered,
-        None | Some(401) | Some(408) | Some(429) | Some(500..) => Outcome::Retry,
+        None | Some(300..=399) | Some(401) | Some(404) | Some(405) | Some(408) | Some(429)
+        | Some(500..) => Outcome::Retry,
         Some(_) => Outcome::Refused,
     }
 }
@@ -74,7 +78,10 @@ mod tests {
         for s in [None, Some(401), Some(429), Some(500), Some(502), Some(503)] {
             assert_eq!(classify(s), Outcome::Retry, "{s:?}");
         }
-        for s in [400, 403, 404, 413] {
+        for s in [301, 302, 307, 404, 405, 408] {
+            assert_eq!(classify(Some(s)), Outcome::Retry, "{s}");
+        }
+        for s in [400, 403, 413, 422] {
             assert_eq!(classify(Some(s)), Outcome::Refused, "{s}");
         }
     }

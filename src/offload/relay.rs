@@ -4,7 +4,7 @@
 //! Owns the delivery loops and timers of offload mode's custody. Invariants:
 //! - a held transaction leaves the store only on the far side's 2xx (deleted) or a
 //!   definitive refusal of it (parked, with the reason); never by age or at start-up.
-//!   Definitive: a 4xx other than 401/408/429, or a 401 once its origin's key server
+//!   Definitive: a 4xx other than 401/404/405/408/429, or a 401 once its origin's key server
 //!   no longer lists the key it was signed with (rotated out while courier held it:
 //!   no replay can pass, and it would block its queue for good);
 //! - it is replayed byte for byte: same target, same `Authorization`, same body (the
