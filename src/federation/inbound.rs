@@ -2,7 +2,8 @@
 //!
 //! Owns the per-EDU rules: only `m.direct_to_device` is kept; its `sender` must belong
 //! to the origin; `(origin, message_id)` is processed once; `*` expands to the
-//! recipient's devices at arrival; recipients on other servers, unknown users and
+//! recipient's devices at arrival, but for those the message also names (they get
+//! their own content only, as for local sends); recipients on other servers, unknown users and
 //! unknown devices are skipped. One malformed EDU is dropped and counted; the rest of
 //! the transaction is accepted (a 400 for the whole would wedge the origin's queue).
 //! Likewise one message whose content is not an object a JSON parser can hold (read
@@ -193,8 +194,12 @@ pub fn prepare(
                     }
                 };
                 if star {
+                    // A device also named explicitly gets its own message only, as
+                    // for local sends: one message per device and message ID.
                     for d in known.iter() {
-                        entries.push((user.to_string(), d.clone(), event.clone()));
+                        if !devices.iter().any(|(named, _)| **named == **d) {
+                            entries.push((user.to_string(), d.clone(), event.clone()));
+                        }
                     }
                 } else {
                     entries.push((user.to_string(), device.to_string(), event));
@@ -287,6 +292,31 @@ mod tests {
             ev,
             json!({"sender": "@a:o", "type": "m.t", "content": {"n": 1}})
         );
+    }
+
+    /// `*` and a named device in one message: the named device gets its own
+    /// content only (as for local sends), every other device the `*` content.
+    #[tokio::test]
+    async fn a_device_named_beside_star_gets_only_its_own_message() {
+        let (_d, s) = temp_store();
+        for d in ["B1", "B2", "B3"] {
+            s.add_device("@bob:me", d).await.unwrap();
+        }
+        let edus = raw(&[to_device(
+            "@a:o",
+            "m1",
+            json!({"@bob:me": {"*": {"n": "all"}, "B2": {"n": "two"}}}),
+        )]);
+        let acc = accept_all(&s, "t1", &edus).await.unwrap();
+        assert_eq!(acc.delivered, 3, "{acc:?}");
+        for (device, n) in [("B1", "all"), ("B2", "two"), ("B3", "all")] {
+            let page = s.inbox_page("@bob:me", device, 0, 10).unwrap();
+            let got: Vec<Value> = page
+                .iter()
+                .map(|(_, e)| serde_json::from_slice::<Value>(e).unwrap()["content"]["n"].clone())
+                .collect();
+            assert_eq!(got, [json!(n)], "{device}");
+        }
     }
 
     #[tokio::test]
