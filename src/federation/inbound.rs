@@ -319,6 +319,30 @@ mod tests {
         }
     }
 
+    /// Content nested deeper than a JSON tree holds (Synapse's parser holds 1000
+    /// levels): that message is dropped, the EDU's others delivered, no panic.
+    #[tokio::test]
+    async fn content_nested_too_deep_is_dropped_alone() {
+        let (_d, s) = temp_store();
+        s.add_device("@bob:me", "B1").await.unwrap();
+        s.add_device("@bob:me", "B2").await.unwrap();
+        for levels in [200, 1000, 100_000] {
+            let deep = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+            let edu = format!(
+                r#"{{"edu_type":"m.direct_to_device","content":{{"sender":"@a:o","type":"m.t","message_id":"m{levels}","messages":{{"@bob:me":{{"B1":{{"d":{deep}}},"B2":{{"ok":1}}}}}}}}}}"#
+            );
+            let edus = vec![RawValue::from_string(edu).unwrap()];
+            let acc = accept_all(&s, &format!("t{levels}"), &edus).await.unwrap();
+            assert_eq!(
+                (acc.delivered, acc.dropped_messages),
+                (1, 1),
+                "{levels}: {acc:?}"
+            );
+        }
+        assert_eq!(s.inbox_len("@bob:me", "B1").unwrap(), 0);
+        assert_eq!(s.inbox_len("@bob:me", "B2").unwrap(), 3);
+    }
+
     #[tokio::test]
     async fn unreadable_contents_are_dropped_alone() {
         let (_d, s) = temp_store();
