@@ -22,8 +22,12 @@ use serde_json::{Map, Value, json};
 pub const DIRECT_TO_DEVICE: &str = "m.direct_to_device";
 /// Synapse's soft limit for one EDU.
 pub const SOFT_MAX_EDU_BYTES: usize = 64 * 1024;
-/// The spec's `message_id` limit, in code points.
+/// The spec's `message_id` limit, in code points: what courier sends keeps to it.
 pub const MAX_MESSAGE_ID_CHARS: usize = 32;
+/// The longest `message_id` courier accepts, in bytes. Longer than the spec's limit:
+/// Synapse checks none, and a peer's longer IDs must not lose its messages; bounded
+/// because each is kept as a dedupe marker.
+pub const MAX_INBOUND_MESSAGE_ID_BYTES: usize = 255;
 
 /// A fresh random `message_id` (16 alphanumerics, like Synapse's).
 pub fn new_message_id() -> String {
@@ -371,7 +375,7 @@ pub enum EduError {
     Shape,
     #[error("field `{0}` missing or of the wrong type")]
     Field(&'static str),
-    #[error("message_id longer than 32 code points or empty")]
+    #[error("message_id longer than 255 bytes or empty")]
     MessageId,
     #[error("sender {sender} does not belong to origin {origin}")]
     Spoofed { sender: String, origin: String },
@@ -406,8 +410,7 @@ pub fn parse_to_device<'a>(edu: &Received<'a>, origin: &str) -> Result<ToDevice<
         .messages
         .and_then(|r| serde_json::from_str(r.get()).ok())
         .ok_or(EduError::Field("messages"))?;
-    let n = message_id.chars().count();
-    if n == 0 || n > MAX_MESSAGE_ID_CHARS {
+    if message_id.is_empty() || message_id.len() > MAX_INBOUND_MESSAGE_ID_BYTES {
         return Err(EduError::MessageId);
     }
     let user = crate::ids::UserId::parse(&sender).map_err(|_| EduError::Field("sender"))?;
@@ -754,9 +757,16 @@ mod tests {
             checked(&ok, "evil.test"),
             Err(EduError::Spoofed { .. })
         ));
-        let mut bad = ok.clone();
-        bad["content"]["message_id"] = json!("x".repeat(33));
-        assert_eq!(checked(&bad, "o.test"), Err(EduError::MessageId));
+        // Longer than the spec's 32 code points (Synapse takes them): accepted, up
+        // to a bound.
+        let mut long = ok.clone();
+        long["content"]["message_id"] = json!("é".repeat(127));
+        assert!(checked(&long, "o.test").is_ok());
+        for id in ["x".repeat(256), String::new()] {
+            let mut bad = ok.clone();
+            bad["content"]["message_id"] = json!(id);
+            assert_eq!(checked(&bad, "o.test"), Err(EduError::MessageId));
+        }
         let mut bad = ok.clone();
         bad["content"]["messages"] = json!([]);
         assert_eq!(checked(&bad, "o.test"), Err(EduError::Field("messages")));
