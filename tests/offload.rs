@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::proxy::{FakeOrigin, Recorder};
+use common::proxy::{FakeOrigin, Recorder, Signer};
 use common::synapse::{Synapse, venv_or_skip};
 use common::{Courier, free_port, insecure_client};
 use serde_json::{Value, json};
@@ -90,6 +90,46 @@ secret = "{SECRET}"
     ))
     .await;
     (c, port)
+}
+
+/// A courier whose `edge` listener (TLS; returned with its port) fronts the
+/// recording homeserver `hs` as `hs.test`, backing off at most 1 s.
+async fn edge_for(hs: &Recorder) -> (Courier, u16) {
+    let edge_port = free_port();
+    let c = Courier::start_with(&format!(
+        r#"
+[[listeners]]
+address = "127.0.0.1:{edge_port}"
+resources = ["edge"]
+
+[offload]
+homeserver_name = "hs.test"
+homeserver_url = "https://127.0.0.1:{hs_port}"
+verify_homeserver_certificate = false
+homeserver_backoff_max = "1s"
+{FAST}"#,
+        hs_port = hs.addr.port()
+    ))
+    .await;
+    (c, edge_port)
+}
+
+/// PUTs `body` as transaction `txn` to the edge on `edge_port`, signed by `signer`
+/// for `dest`; the status.
+async fn put_to_edge(edge_port: u16, signer: &Signer, txn: &str, dest: &str, body: &Value) -> u16 {
+    let uri = format!("/_matrix/federation/v1/send/{txn}");
+    insecure_client()
+        .put(format!("https://127.0.0.1:{edge_port}{uri}"))
+        .header(
+            "Authorization",
+            signer.header("PUT", &uri, dest, Some(body)),
+        )
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 fn synapse_offloaded_to(venv: &std::path::Path, offload_port: u16) -> Synapse {
@@ -526,39 +566,13 @@ async fn edge_verifies_holds_and_replays_to_the_homeserver() {
     let hs = Recorder::start().await;
     let origin = FakeOrigin::start().await;
     let signer = origin.signer();
-    let edge_port = free_port();
-    let c = Courier::start_with(&format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:{edge_port}"
-resources = ["edge"]
-
-[offload]
-homeserver_name = "hs.test"
-homeserver_url = "https://127.0.0.1:{hs_port}"
-verify_homeserver_certificate = false
-homeserver_backoff_max = "1s"
-{FAST}"#,
-        hs_port = hs.addr.port()
-    ))
-    .await;
+    let (c, edge_port) = edge_for(&hs).await;
     let client = insecure_client();
     let edge = |path: &str| format!("https://127.0.0.1:{edge_port}{path}");
     let put = async |txn: &str, dest: &str, n: u64| {
-        let uri = format!("/_matrix/federation/v1/send/{txn}");
         let body = json!({"origin": origin.name, "origin_server_ts": n, "pdus": [],
             "edus": [{"edu_type": "m.direct_to_device", "content": {"n": n}}]});
-        let r = client
-            .put(edge(&uri))
-            .header(
-                "Authorization",
-                signer.header("PUT", &uri, dest, Some(&body)),
-            )
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        r.status().as_u16()
+        put_to_edge(edge_port, &signer, txn, dest, &body).await
     };
     let held_view =
         async || c.admin_get("/_courier/admin/v1/offload").await["inbound"][&origin.name].clone();
@@ -644,40 +658,12 @@ homeserver_backoff_max = "1s"
 async fn a_held_transaction_signed_with_a_key_rotated_out_is_parked_not_retried_forever() {
     let hs = Recorder::start().await;
     let origin = FakeOrigin::start().await;
-    let edge_port = free_port();
-    let c = Courier::start_with(&format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:{edge_port}"
-resources = ["edge"]
-
-[offload]
-homeserver_name = "hs.test"
-homeserver_url = "https://127.0.0.1:{hs_port}"
-verify_homeserver_certificate = false
-homeserver_backoff_max = "1s"
-{FAST}"#,
-        hs_port = hs.addr.port()
-    ))
-    .await;
-    let client = insecure_client();
+    let (c, edge_port) = edge_for(&hs).await;
+    // Signed with the origin's key of the moment.
     let put = async |txn: &str| {
-        let signer = origin.signer();
-        let uri = format!("/_matrix/federation/v1/send/{txn}");
         let body = json!({"origin": origin.name, "origin_server_ts": 1, "pdus": [],
             "edus": [{"edu_type": "m.direct_to_device", "content": {"txn": txn}}]});
-        client
-            .put(format!("https://127.0.0.1:{edge_port}{uri}"))
-            .header(
-                "Authorization",
-                signer.header("PUT", &uri, "hs.test", Some(&body)),
-            )
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        put_to_edge(edge_port, &origin.signer(), txn, "hs.test", &body).await
     };
     let view =
         async || c.admin_get("/_courier/admin/v1/offload").await["inbound"][&origin.name].clone();

@@ -173,15 +173,11 @@ impl RemoteKeys {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| busy("too many key fetches in progress"))?;
-        *last = Some(LastFetch {
-            at: Instant::now(),
-            ok: false,
-        });
+        // Recorded as failed first: a fetch cut off midway counts as one.
+        let at = Instant::now();
+        *last = Some(LastFetch { at, ok: false });
         self.fetch_now(server).await?;
-        *last = Some(LastFetch {
-            at: Instant::now(),
-            ok: true,
-        });
+        *last = Some(LastFetch { at, ok: true });
         Ok(())
     }
 

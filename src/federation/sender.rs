@@ -234,15 +234,13 @@ impl Sender {
         }
         let store = &self.inner.store;
         match store.dest_state(dest) {
-            Ok(mut st) if st.failures > 0 || st.next_attempt_ts > 0 => {
-                log_reset(dest, &st);
-                st.failures = 0;
-                st.next_attempt_ts = 0;
-                if let Err(e) = store.write_dest_state(dest, &st) {
+            Ok(mut st) => {
+                if reset_backoff(dest, &mut st)
+                    && let Err(e) = store.write_dest_state(dest, &st)
+                {
                     tracing::warn!(destination = dest, error = %e, "cannot reset backoff");
                 }
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(destination = dest, error = %e, "cannot read destination state")
             }
@@ -312,12 +310,7 @@ impl Sender {
             None => (store.dest_state(dest)?, None, None),
         };
         // Written with this step's next record of `st`.
-        let reset = self.take_reset(dest) && (st.failures > 0 || st.next_attempt_ts > 0);
-        if reset {
-            log_reset(dest, &st);
-            st.failures = 0;
-            st.next_attempt_ts = 0;
-        }
+        let reset = self.take_reset(dest) && reset_backoff(dest, &mut st);
         let now = now_ms();
         if let Some(wait) = self.inner.config.policy.remaining(st.next_attempt_ts, now) {
             if let Some(b) = pending.take() {
@@ -581,13 +574,21 @@ impl Sender {
     }
 }
 
-fn log_reset(dest: &str, st: &DestState) {
+/// Clears `st`'s backoff (the destination is back), logged and counted; whether
+/// there was one to clear (and so `st` is to be written).
+fn reset_backoff(dest: &str, st: &mut DestState) -> bool {
+    if st.failures == 0 && st.next_attempt_ts == 0 {
+        return false;
+    }
     tracing::info!(
         destination = dest,
         failures = st.failures,
         "destination is back: backoff reset"
     );
     metrics::counter!("courier_backoff_resets_total").increment(1);
+    st.failures = 0;
+    st.next_attempt_ts = 0;
+    true
 }
 
 /// Forms a fresh transaction from the queue head (above `st.acked_seq`) and sets it
