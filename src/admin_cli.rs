@@ -1,5 +1,5 @@
 //! The command-line side of the admin API: `courier user add`, `courier device
-//! add|delete|list` call the RUNNING server, never its store (RocksDB admits one process).
+//! add|delete|list`, `courier destination list|parked|requeue` call the RUNNING server, never its store (RocksDB admits one process).
 //!
 //! Owns how the CLI finds and trusts the server, from the same config file:
 //! - the first listener with the `admin` resource; a wildcard address (`0.0.0.0`,
@@ -39,6 +39,15 @@ pub enum Command {
     },
     DeviceList {
         user_id: String,
+    },
+    DestinationList,
+    DestinationParked {
+        destination: String,
+        from: Option<u64>,
+        limit: usize,
+    },
+    DestinationRequeue {
+        destination: String,
     },
 }
 
@@ -151,6 +160,27 @@ impl Target {
             Command::DeviceList { user_id } => (
                 reqwest::Method::GET,
                 format!("/devices/{}", seg(user_id)),
+                None,
+            ),
+            Command::DestinationList => (reqwest::Method::GET, "/destinations".to_owned(), None),
+            Command::DestinationParked {
+                destination,
+                from,
+                limit,
+            } => {
+                let from = from.map(|f| format!("&from={f}")).unwrap_or_default();
+                (
+                    reqwest::Method::GET,
+                    format!(
+                        "/destinations/{}/parked?limit={limit}{from}",
+                        seg(destination)
+                    ),
+                    None,
+                )
+            }
+            Command::DestinationRequeue { destination } => (
+                reqwest::Method::POST,
+                format!("/destinations/{}/requeue", seg(destination)),
                 None,
             ),
         };

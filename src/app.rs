@@ -38,6 +38,8 @@ pub struct AppInner {
     /// a retransmission is serialized with its first attempt whichever listener
     /// each came through.
     pub txn_locks: Arc<TxnLocks>,
+    /// Held while parked EDUs go back to their queues (admin requeue).
+    pub requeue_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -72,6 +74,7 @@ impl App {
             relay,
             custody_inflight: InFlight::default(),
             txn_locks: Arc::default(),
+            requeue_lock: tokio::sync::Mutex::default(),
         })))
     }
 }

@@ -59,6 +59,12 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Outbound queues, and EDUs destinations refused, through the running server's
+    /// admin API.
+    Destination {
+        #[command(subcommand)]
+        command: DestinationCommand,
+    },
     /// Delivery-throughput benchmark: two couriers (and with --synapse two Synapses)
     /// on loopback; prints a table and one JSON line.
     Bench(courier::bench::Options),
@@ -96,6 +102,33 @@ enum DeviceCommand {
     /// List a user's devices, with creation and last sync times.
     List {
         user_id: String,
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DestinationCommand {
+    /// Every destination with work or delivery state: queued, parked, backoff.
+    List {
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+    /// The EDUs a destination refused for good, with its answers (oldest first).
+    Parked {
+        destination: String,
+        /// Start after this position (a page's `next_from`).
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+    /// Put a destination's parked EDUs back at the end of its queue, to be delivered
+    /// again; prints {"requeued": n}.
+    Requeue {
+        destination: String,
         #[arg(long, default_value = "config/courier.toml")]
         config: PathBuf,
     },
@@ -196,6 +229,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             DeviceCommand::List { user_id, config } => {
                 admin(&config, admin_cli::Command::DeviceList { user_id })
             }
+        },
+        Command::Destination { command } => match command {
+            DestinationCommand::List { config } => {
+                admin(&config, admin_cli::Command::DestinationList)
+            }
+            DestinationCommand::Parked {
+                destination,
+                from,
+                limit,
+                config,
+            } => admin(
+                &config,
+                admin_cli::Command::DestinationParked {
+                    destination,
+                    from,
+                    limit,
+                },
+            ),
+            DestinationCommand::Requeue {
+                destination,
+                config,
+            } => admin(
+                &config,
+                admin_cli::Command::DestinationRequeue { destination },
+            ),
         },
     }
 }

@@ -274,7 +274,8 @@ async fn repeated_transactions_and_bad_input() {
 /// `/send` is chosen by `answer(edu_count, body)`; records every transaction it saw.
 struct FakeReceiver {
     port: u16,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    /// Every transaction received, with the status it was answered.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(u16, Value)>>>,
     handle: axum_server::Handle<std::net::SocketAddr>,
 }
 
@@ -282,7 +283,7 @@ impl FakeReceiver {
     async fn start(answer: fn(usize, &Value) -> u16) -> FakeReceiver {
         use axum::routing::put;
         courier::tls::install_crypto_provider();
-        let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<(u16, Value)>>> = Default::default();
         let seen2 = seen.clone();
         let app = axum::Router::new().route(
             "/_matrix/federation/v1/send/{txn}",
@@ -291,7 +292,7 @@ impl FakeReceiver {
                 async move {
                     let n = body["edus"].as_array().map_or(0, |a| a.len());
                     let status = answer(n, &body);
-                    seen.lock().unwrap().push(body);
+                    seen.lock().unwrap().push((status, body));
                     (
                         axum::http::StatusCode::from_u16(status).unwrap(),
                         axum::Json(json!({"pdus": {}})),
@@ -321,13 +322,13 @@ impl FakeReceiver {
     }
 
     /// `content.n` of every EDU in every transaction answered 200.
-    fn delivered(&self, ok: fn(usize, &Value) -> u16) -> Vec<u64> {
+    fn delivered(&self) -> Vec<u64> {
         self.seen
             .lock()
             .unwrap()
             .iter()
-            .filter(|t| ok(t["edus"].as_array().unwrap().len(), t) == 200)
-            .flat_map(|t| t["edus"].as_array().unwrap().clone())
+            .filter(|(status, _)| *status == 200)
+            .flat_map(|(_, t)| t["edus"].as_array().unwrap().clone())
             .flat_map(|e| {
                 e["content"]["messages"]
                     .as_object()
@@ -352,7 +353,12 @@ impl Drop for FakeReceiver {
     }
 }
 
-/// 413 for any transaction of more than 3 EDUs; 400 for the EDU carrying n == 13.
+/// Set once the picky receiver's operator "fixed" it: the EDU carrying n == 13 is
+/// accepted from then on. (Only the test below uses the picky receiver.)
+static PICKY_FIXED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// 413 for any transaction of more than 3 EDUs; 400 for the EDU carrying n == 13
+/// until [`PICKY_FIXED`].
 fn picky(edus: usize, body: &Value) -> u16 {
     let poisoned = body["edus"].as_array().unwrap().iter().any(|e| {
         e["content"]["messages"]
@@ -363,36 +369,42 @@ fn picky(edus: usize, body: &Value) -> u16 {
     });
     if edus > 3 {
         413
-    } else if poisoned {
+    } else if poisoned && !PICKY_FIXED.load(std::sync::atomic::Ordering::SeqCst) {
         400
     } else {
         200
     }
 }
 
-#[tokio::test]
-async fn refused_transactions_are_split_and_a_refused_edu_is_parked_not_retried_forever() {
-    let fake = FakeReceiver::start(picky).await;
-    let a = Courier::start().await;
-    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
-    let to = format!("@x:{}", fake.server_name());
-    // Queue everything while the first transaction is refused, so transactions are big.
-    send_many(&a.base(), &alice, &to, "X", 0..40).await;
+/// Waits until `fake` accepted `want` EDUs (or more); their `n`s, sorted.
+async fn wait_delivered(fake: &FakeReceiver, want: usize, a: &Courier) -> Vec<u64> {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut got = fake.delivered(picky);
+        let mut got = fake.delivered();
         got.sort_unstable();
-        if got.len() >= 39 {
-            let want: Vec<u64> = (0..40).filter(|n| *n != 13).collect();
-            assert_eq!(got, want, "everything but the poisoned EDU, once");
-            break;
+        if got.len() >= want {
+            return got;
         }
         assert!(Instant::now() < end, "delivered only {got:?}\n{}", a.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn refused_transactions_are_split_and_a_refused_edu_is_parked_until_requeued() {
+    let fake = FakeReceiver::start(picky).await;
+    let a = Courier::start().await;
+    let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
+    let dest = fake.server_name();
+    let to = format!("@x:{dest}");
+    // Queue everything while the first transaction is refused, so transactions are big.
+    send_many(&a.base(), &alice, &to, "X", 0..40).await;
+    let got = wait_delivered(&fake, 39, &a).await;
+    let want: Vec<u64> = (0..40).filter(|n| *n != 13).collect();
+    assert_eq!(got, want, "everything but the poisoned EDU, once");
     // The poisoned EDU was parked, with a warning, and the queue is empty.
     let dests: Value = a.admin_get("/_courier/admin/v1/destinations").await;
-    let d = &dests["destinations"][&fake.server_name()];
+    let d = &dests["destinations"][&dest];
     assert_eq!(d["parked"], 1, "{dests}");
     assert_eq!(d["queued"], 0, "{dests}");
     assert!(a.log().contains("parked"));
@@ -410,6 +422,50 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_not_retried_
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "metrics need the admin token");
+
+    // The operator sees what was refused, and why, as the EDU itself.
+    let config = a.config_path();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", config.to_str().unwrap()]);
+        let (code, out, err) = common::run_cli(&all, "", a.dir.path());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let parked = cli(&["destination", "parked", &dest]);
+    let entries = parked["parked"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{parked}");
+    assert!(
+        entries[0]["reason"].as_str().unwrap().contains("400"),
+        "{parked}"
+    );
+    assert_eq!(entries[0]["edu"]["edu_type"], "m.direct_to_device");
+    let messages = &entries[0]["edu"]["content"]["messages"][&to];
+    assert_eq!(messages["X"]["n"], 13, "{parked}");
+    assert!(parked.get("next_from").is_none(), "one page: {parked}");
+    // Bad input is refused clearly, not with a plain-text 400.
+    let bad = insecure_client()
+        .get(a.url("/_courier/admin/v1/destinations/not%20a%20server/parked"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let bad: Value = bad.json().await.unwrap();
+    assert_eq!(bad["errcode"], "M_INVALID_PARAM", "{bad}");
+
+    // Fixed on the far side; the operator requeues, and it is delivered exactly once.
+    PICKY_FIXED.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(cli(&["destination", "requeue", &dest])["requeued"], 1);
+    let got = wait_delivered(&fake, 40, &a).await;
+    assert_eq!(got, (0..40).collect::<Vec<u64>>(), "each EDU once");
+    let dests = cli(&["destination", "list"]);
+    assert_eq!(dests["destinations"][&dest]["parked"], 0, "{dests}");
+    assert_eq!(cli(&["destination", "requeue", &dest])["requeued"], 0);
+    assert!(a.metrics().await.contains("courier_edus_requeued_total 1"));
+    // Nothing more arrives: the requeued EDU was delivered once, not twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.delivered().len(), 40);
 }
 
 #[tokio::test]

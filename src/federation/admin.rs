@@ -1,23 +1,151 @@
-//! Admin views of outbound delivery: `GET /_courier/admin/v1/destinations`.
+//! Admin views of outbound delivery, and the way back for parked EDUs.
 //!
-//! Read-only: per destination, how many EDUs wait, how many were parked, and the
-//! persisted delivery state (failures, next attempt, last error, in-flight txn).
+//! | method and path                                   | answer                                   |
+//! |---------------------------------------------------|------------------------------------------|
+//! | `GET /destinations`                               | per destination: queued, parked, failures, next attempt, last error, in-flight txn |
+//! | `GET /destinations/{dest}/parked?from=&limit=`    | `{parked: [{seq, reason, edu}], next_from?}`, oldest first |
+//! | `POST /destinations/{dest}/requeue`               | `{requeued: n}`: every parked EDU back at the end of its queue |
+//!
+//! A parked EDU is one the destination refused for good (a 4xx other than 429): it
+//! waits in `parked` until an operator, having fixed whatever made it refusable,
+//! requeues it. Requeueing moves each EDU in one synced commit (out of `parked`, into
+//! the queue), so it is never in both places nor in neither; it bypasses
+//! `max_queued_per_destination` (those EDUs were accepted once already).
 //! Mounted with the rest of the admin API and guarded by the same token check.
+//!
+//! This module never delivers, and never drops, an EDU itself.
 
 use std::collections::BTreeSet;
 
-use axum::extract::State;
-use axum::routing::get;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::client::admin::Admin;
 use crate::error::{ApiError, matrix};
-use crate::store::now_ms;
+use crate::federation::routes::path_param;
+use crate::ids::ServerName;
+use crate::store::{Append, StoreError, now_ms};
+
+/// Parked EDUs listed per page when the request names no `limit`, and at most.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+/// Parked EDUs moved back per synced commit.
+const REQUEUE_BATCH: usize = 1000;
 
 pub fn router() -> Router<App> {
-    Router::new().route("/_courier/admin/v1/destinations", matrix(get(destinations)))
+    Router::new()
+        .route("/_courier/admin/v1/destinations", matrix(get(destinations)))
+        .route(
+            "/_courier/admin/v1/destinations/{dest}/parked",
+            matrix(get(parked)),
+        )
+        .route(
+            "/_courier/admin/v1/destinations/{dest}/requeue",
+            matrix(post(requeue)),
+        )
+}
+
+/// The `{dest}` of a path: a server name, else 400 `M_INVALID_PARAM`.
+fn destination(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let dest = path_param(path)?;
+    ServerName::parse(&dest)
+        .map_err(|e| ApiError::invalid_param(format!("`{dest}` is not a server name: {e}")))?;
+    Ok(dest)
+}
+
+#[derive(Deserialize)]
+struct PageParams {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn parked(
+    _: Admin,
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<PageParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let dest = destination(path)?;
+    let Query(params) = params.map_err(|e| ApiError::invalid_param(e.body_text()))?;
+    let limit = params.limit.unwrap_or(PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid_param(format!(
+            "`limit` must be 1 to {MAX_PAGE}"
+        )));
+    }
+    let page = app.store.parked(&dest, params.from.unwrap_or(0), limit)?;
+    let next_from = (page.len() == limit).then(|| page[limit - 1].seq);
+    let entries: Vec<Value> = page
+        .into_iter()
+        .map(|p| {
+            // Parked EDUs were JSON when queued; show them as such, else as text.
+            let edu = serde_json::from_str::<Value>(&p.edu).unwrap_or(Value::String(p.edu));
+            json!({"seq": p.seq, "reason": p.reason, "edu": edu})
+        })
+        .collect();
+    let mut out = json!({ "destination": dest, "parked": entries });
+    if let Some(n) = next_from {
+        out["next_from"] = json!(n);
+    }
+    Ok(Json(out))
+}
+
+async fn requeue(
+    _: Admin,
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let dest = destination(path)?;
+    // In a task of its own: an operator who hangs up mid-way leaves no half-moved
+    // batch and no unwoken queue. One requeue at a time, so two cannot both move
+    // the same parked EDU.
+    let task_app = app.clone();
+    let moved = tokio::spawn(async move {
+        let app = task_app;
+        let _one_at_a_time = app.requeue_lock.lock().await;
+        // Only what was parked before this request: an EDU requeued here and parked
+        // again (the far side still refuses it) has a later position and waits for
+        // the next requeue, so a request always ends.
+        let bound = app.store.last_seq();
+        let mut after = 0;
+        let mut moved = 0u64;
+        loop {
+            let mut batch = app.store.parked(&dest, after, REQUEUE_BATCH)?;
+            batch.retain(|p| p.seq <= bound);
+            let Some(last) = batch.last() else {
+                break;
+            };
+            after = last.seq;
+            let n = batch.len() as u64;
+            let mut ops = Vec::with_capacity(batch.len() * 2);
+            for p in batch {
+                ops.push(Append::Outbox {
+                    dest: dest.clone(),
+                    edu: p.edu.into_bytes(),
+                });
+                ops.push(Append::Unpark {
+                    dest: dest.clone(),
+                    seq: p.seq,
+                });
+            }
+            app.store.append(ops).await?;
+            app.sender.enqueued(&dest, n);
+            moved += n;
+        }
+        if moved > 0 {
+            metrics::counter!("courier_edus_requeued_total").increment(moved);
+            tracing::info!(destination = %dest, edus = moved, "parked EDUs requeued by an operator");
+        }
+        Ok::<_, StoreError>(moved)
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    Ok(Json(json!({ "requeued": moved })))
 }
 
 async fn destinations(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {

@@ -180,6 +180,10 @@ pub enum Append {
         marker: dedupe::Marker,
         parts: Vec<String>,
     },
+    /// Removes one of `dest`'s parked EDUs, put back in its queue by an `Outbox` op
+    /// of the same request (see `Store::parked`): one commit, so it is never in
+    /// both places, nor in neither.
+    Unpark { dest: String, seq: u64 },
 }
 
 struct AppendRequest {
@@ -434,6 +438,7 @@ impl Writer {
         let now = now_ms().to_be_bytes();
         // (column family, key, value), numbered in arrival order...
         let mut rows: Vec<(&'static str, Vec<u8>, &[u8])> = Vec::new();
+        let mut deletes: Vec<(&'static str, Vec<u8>)> = Vec::new();
         // The numbers of the outbox rows, in the order their ops come (for memory).
         let mut outbox_seqs: Vec<u64> = Vec::new();
         for req in group.iter() {
@@ -460,6 +465,9 @@ impl Writer {
                         let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
                         rows.push((marker.cf(), key(&parts), &now));
                     }
+                    Append::Unpark { dest, seq } => {
+                        deletes.push((cf::PARKED, outbox::entry_key(dest, *seq)));
+                    }
                 }
             }
         }
@@ -473,6 +481,9 @@ impl Writer {
         let mut b = WriteBatch::default();
         for (name, k, v) in &rows {
             b.put_cf(cf(name), k, v);
+        }
+        for (name, k) in &deletes {
+            b.delete_cf(cf(name), k);
         }
         let reserved = if seq > self.reserved {
             let r = seq + SEQ_BLOCK;

@@ -9,7 +9,9 @@
 //! the in-flight record names its txnId and its last `seq`, so a retry rebuilds the
 //! very same body, and the destination's 200 deletes exactly those EDUs (point deletes
 //! in one batch: range tombstones, one per transaction, made reads slow). Nothing leaves `outbox` but by that acknowledgement or by parking (an EDU a
-//! destination refused for good, kept with its reason). Nothing is trimmed at start.
+//! destination refused for good, kept with its reason). A parked EDU returns only by an
+//! operator's requeue, as a new row at the end of its queue written in the same commit
+//! that deletes it from `parked`. Nothing is trimmed at start.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +53,23 @@ pub struct DestState {
 pub struct QueuedEdu {
     pub seq: u64,
     pub edu: Vec<u8>,
+}
+
+/// One EDU a destination refused for good, as `parked` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedEdu {
+    /// Its position in the queue it left.
+    pub seq: u64,
+    /// Why: the destination's answer (`HTTP 400: ...`).
+    pub reason: String,
+    /// The EDU, as it was queued (JSON text).
+    pub edu: String,
+}
+
+#[derive(Deserialize)]
+struct ParkedRecord {
+    reason: String,
+    edu: String,
 }
 
 /// The budget of one read of a queue head ([`Store::outbox_head`], from either
@@ -230,6 +249,36 @@ impl Store {
         Ok(self.scan(cf::PARKED, &dest_prefix(dest)).count())
     }
 
+    /// Up to `limit` of `dest`'s parked EDUs above position `after`, oldest first.
+    /// A parked EDU goes back to its queue by an [`super::Append::Outbox`] with its
+    /// `edu` and an [`super::Append::Unpark`] with its `seq`, in one append.
+    pub fn parked(
+        &self,
+        dest: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ParkedEdu>, StoreError> {
+        let prefix = dest_prefix(dest);
+        let from = entry_key(dest, after.saturating_add(1));
+        let mut out = Vec::new();
+        for item in self.scan_from(cf::PARKED, &prefix, &from).take(limit) {
+            let (k, v) = item?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                cf: cf::PARKED,
+                detail,
+            };
+            let seq = read_u64(&k[prefix.len()..]).ok_or_else(|| corrupt("short key".into()))?;
+            let rec: ParkedRecord =
+                serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+            out.push(ParkedEdu {
+                seq,
+                reason: rec.reason,
+                edu: rec.edu,
+            });
+        }
+        Ok(out)
+    }
+
     pub fn dest_state(&self, dest: &str) -> Result<DestState, StoreError> {
         match self.db().get_pinned_cf(self.cf(cf::DESTINATIONS), dest)? {
             None => Ok(DestState::default()),
@@ -336,6 +385,48 @@ mod tests {
             1,
             "prefix-distinct destinations"
         );
+    }
+
+    /// A parked EDU is listed with its reason, and one append puts it back at the
+    /// end of its queue and out of `parked`, byte for byte.
+    #[tokio::test]
+    async fn a_parked_edu_goes_back_to_its_queue_in_one_append() {
+        let (_d, s) = temp_store();
+        s.append(vec![outbox("b.test", 1), outbox("b.test", 2)])
+            .await
+            .unwrap();
+        let head = s.outbox_head("b.test", 0, 1, 10_000, None).unwrap();
+        let mut b = Batch::new();
+        s.outbox_park(&mut b, "b.test", &head[0], "HTTP 400: no");
+        s.commit(b).await.unwrap();
+        let parked = s.parked("b.test", 0, 10).unwrap();
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].reason, "HTTP 400: no");
+        assert_eq!(parked[0].edu.as_bytes(), b"e\x01");
+        assert!(s.parked("b.test", parked[0].seq, 10).unwrap().is_empty());
+        assert!(s.parked("b.test2", 0, 10).unwrap().is_empty());
+
+        s.append(vec![
+            crate::store::Append::Outbox {
+                dest: "b.test".into(),
+                edu: parked[0].edu.clone().into_bytes(),
+            },
+            crate::store::Append::Unpark {
+                dest: "b.test".into(),
+                seq: parked[0].seq,
+            },
+        ])
+        .await
+        .unwrap();
+        assert_eq!(s.parked_count("b.test").unwrap(), 0);
+        let queue = s.outbox_head("b.test", 0, 10, 10_000, None).unwrap();
+        let edus: Vec<&[u8]> = queue.iter().map(|e| &e.edu[..]).collect();
+        assert_eq!(edus, vec![&b"e\x02"[..], &b"e\x01"[..]], "at the end");
+        assert!(queue[1].seq > queue[0].seq);
+        let stored = s
+            .outbox_head_stored("b.test", 0, HeadBudget::new(10, 10_000, None))
+            .unwrap();
+        assert_eq!(stored, queue, "memory and store agree");
     }
 
     fn outbox(dest: &str, n: u8) -> crate::store::Append {
