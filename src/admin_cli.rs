@@ -1,5 +1,5 @@
 //! The command-line side of the admin API: `courier user add`, `courier device
-//! add|delete|list`, `courier destination list|parked|requeue` call the RUNNING server, never its store (RocksDB admits one process).
+//! add|delete|list`, `courier destination|offload list|parked|requeue` call the RUNNING server, never its store (RocksDB admits one process).
 //!
 //! Owns how the CLI finds and trusts the server, from the same config file:
 //! - the first listener with the `admin` resource; a wildcard address (`0.0.0.0`,
@@ -48,6 +48,18 @@ pub enum Command {
     },
     DestinationRequeue {
         destination: String,
+    },
+    OffloadList,
+    /// `direction`: `outbound` (queue = destination) or `inbound` (queue = origin).
+    OffloadParked {
+        direction: String,
+        queue: String,
+        from: Option<u64>,
+        limit: usize,
+    },
+    OffloadRequeue {
+        direction: String,
+        queue: String,
     },
 }
 
@@ -167,20 +179,39 @@ impl Target {
                 destination,
                 from,
                 limit,
-            } => {
-                let from = from.map(|f| format!("&from={f}")).unwrap_or_default();
-                (
-                    reqwest::Method::GET,
-                    format!(
-                        "/destinations/{}/parked?limit={limit}{from}",
-                        seg(destination)
-                    ),
-                    None,
-                )
-            }
+            } => (
+                reqwest::Method::GET,
+                format!(
+                    "/destinations/{}/parked{}",
+                    seg(destination),
+                    page(*from, *limit)
+                ),
+                None,
+            ),
             Command::DestinationRequeue { destination } => (
                 reqwest::Method::POST,
                 format!("/destinations/{}/requeue", seg(destination)),
+                None,
+            ),
+            Command::OffloadList => (reqwest::Method::GET, "/offload".to_owned(), None),
+            Command::OffloadParked {
+                direction,
+                queue,
+                from,
+                limit,
+            } => (
+                reqwest::Method::GET,
+                format!(
+                    "/offload/{}/{}/parked{}",
+                    seg(direction),
+                    seg(queue),
+                    page(*from, *limit)
+                ),
+                None,
+            ),
+            Command::OffloadRequeue { direction, queue } => (
+                reqwest::Method::POST,
+                format!("/offload/{}/{}/requeue", seg(direction), seg(queue)),
                 None,
             ),
         };
@@ -209,6 +240,14 @@ impl Target {
                 detail: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
             }),
         }
+    }
+}
+
+/// The query of a page of parked entries.
+fn page(from: Option<u64>, limit: usize) -> String {
+    match from {
+        Some(f) => format!("?limit={limit}&from={f}"),
+        None => format!("?limit={limit}"),
     }
 }
 

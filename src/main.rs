@@ -65,6 +65,12 @@ enum Command {
         #[command(subcommand)]
         command: DestinationCommand,
     },
+    /// Transactions held in offload mode, and those the far side refused, through the
+    /// running server's admin API.
+    Offload {
+        #[command(subcommand)]
+        command: OffloadCommand,
+    },
     /// Delivery-throughput benchmark: two couriers (and with --synapse two Synapses)
     /// on loopback; prints a table and one JSON line.
     Bench(courier::bench::Options),
@@ -129,6 +135,38 @@ enum DestinationCommand {
     /// again; prints {"requeued": n}.
     Requeue {
         destination: String,
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum OffloadCommand {
+    /// Every held queue, outbound (per destination) and inbound (per origin).
+    List {
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+    /// The held transactions a queue's far side refused for good, with its answers.
+    Parked {
+        #[arg(value_parser = ["outbound", "inbound"])]
+        direction: String,
+        /// The destination (outbound) or origin (inbound) server name.
+        queue: String,
+        /// Start after this position (a page's `next_from`).
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+    /// Put a queue's parked transactions back at its end, to be replayed verbatim
+    /// again; prints {"requeued": n, "not_requeueable": m}.
+    Requeue {
+        #[arg(value_parser = ["outbound", "inbound"])]
+        direction: String,
+        queue: String,
         #[arg(long, default_value = "config/courier.toml")]
         config: PathBuf,
     },
@@ -229,6 +267,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             DeviceCommand::List { user_id, config } => {
                 admin(&config, admin_cli::Command::DeviceList { user_id })
             }
+        },
+        Command::Offload { command } => match command {
+            OffloadCommand::List { config } => admin(&config, admin_cli::Command::OffloadList),
+            OffloadCommand::Parked {
+                direction,
+                queue,
+                from,
+                limit,
+                config,
+            } => admin(
+                &config,
+                admin_cli::Command::OffloadParked {
+                    direction,
+                    queue,
+                    from,
+                    limit,
+                },
+            ),
+            OffloadCommand::Requeue {
+                direction,
+                queue,
+                config,
+            } => admin(
+                &config,
+                admin_cli::Command::OffloadRequeue { direction, queue },
+            ),
         },
         Command::Destination { command } => match command {
             DestinationCommand::List { config } => {

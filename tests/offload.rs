@@ -425,10 +425,10 @@ async fn synapse_offload_both_ways_survives_outages_and_sigkill() {
 
 /// The custody rules of the offload listener against a recording destination (no
 /// Synapse needed): verbatim replay, replays not stored twice, order through an
-/// outage, a refused transaction parked, PDUs passed through with the real answer.
+/// outage, a refused transaction parked until requeued, PDUs passed through with the real answer.
 // Multi-threaded: the raw requests block a worker while the recorder answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offload_custody_replays_verbatim_in_order_and_parks_refusals() {
+async fn offload_custody_replays_verbatim_in_order_and_parks_refusals_until_requeued() {
     let dest = Recorder::start().await;
     let (c, port) = offload_to(dest.addr.port(), "").await;
     let auth = r#"X-Matrix origin="hs.test",destination="dest.test",key="ed25519:a",sig="c2ln""#;
@@ -522,6 +522,57 @@ async fn offload_custody_replays_verbatim_in_order_and_parks_refusals() {
             .is_some_and(|r| r.target.ends_with("/t5"))
     })
     .await;
+
+    // The operator reads what was refused and why, then (the far side fixed) requeues
+    // it: replayed once more, byte for byte with the origin's Authorization, after t5.
+    let config = c.config_path();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", config.to_str().unwrap()]);
+        let (code, out, err) = common::run_cli(&all, "", c.dir.path());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let parked = cli(&["offload", "parked", "outbound", "dest.test"]);
+    let entries = parked["parked"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{parked}");
+    assert_eq!(entries[0]["txn_id"], "t4");
+    assert_eq!(entries[0]["requeueable"], true);
+    assert!(
+        entries[0]["reason"].as_str().unwrap().contains("400"),
+        "{parked}"
+    );
+    assert_eq!(entries[0]["body"]["edus"][0]["content"]["n"], 4);
+    let (code, _, err) = common::run_cli(
+        &["offload", "requeue", "sideways", "dest.test"],
+        "",
+        c.dir.path(),
+    );
+    assert_ne!(code, 0, "a direction that does not exist: {err}");
+    let requeued = cli(&["offload", "requeue", "outbound", "dest.test"]);
+    assert_eq!(requeued, json!({"requeued": 1, "not_requeueable": 0}));
+    wait_for("t4 replayed again", Duration::from_secs(20), async || {
+        dest.seen()
+            .last()
+            .is_some_and(|r| r.target.ends_with("/t4"))
+    })
+    .await;
+    let again = dest.seen().last().cloned().unwrap();
+    assert_eq!(again.authorization, vec![auth.to_owned()]);
+    assert_eq!(again.body, edus(4).as_bytes());
+    let view = cli(&["offload", "list"]);
+    assert_eq!(
+        view["outbound"]["dest.test"]["parked"]
+            .as_u64()
+            .unwrap_or(0),
+        0,
+        "{view}"
+    );
+    assert!(
+        c.metrics()
+            .await
+            .contains("courier_offload_requeued_total{direction=\"out\"} 1")
+    );
 
     // PDUs: passed through, the destination's own answer comes back, nothing held.
     dest.answer(200, r#"{"pdus":{"$ev":{"error":"the real answer"}}}"#);

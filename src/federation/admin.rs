@@ -52,16 +52,43 @@ pub fn router() -> Router<App> {
 
 /// The `{dest}` of a path: a server name, else 400 `M_INVALID_PARAM`.
 fn destination(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let dest = path_param(path)?;
-    ServerName::parse(&dest)
-        .map_err(|e| ApiError::invalid_param(format!("`{dest}` is not a server name: {e}")))?;
-    Ok(dest)
+    server_name_param(path_param(path)?)
 }
 
+/// `name` if it is a server name, else 400 `M_INVALID_PARAM`.
+pub(crate) fn server_name_param(name: String) -> Result<String, ApiError> {
+    ServerName::parse(&name)
+        .map_err(|e| ApiError::invalid_param(format!("`{name}` is not a server name: {e}")))?;
+    Ok(name)
+}
+
+/// `?from=SEQ&limit=N` of a listing of parked entries.
 #[derive(Deserialize)]
-struct PageParams {
+pub(crate) struct PageParams {
     from: Option<u64>,
     limit: Option<usize>,
+}
+
+impl PageParams {
+    /// `(after, limit)`, or 400 `M_INVALID_PARAM`.
+    pub(crate) fn checked(
+        params: Result<Query<PageParams>, QueryRejection>,
+    ) -> Result<(u64, usize), ApiError> {
+        let Query(params) = params.map_err(|e| ApiError::invalid_param(e.body_text()))?;
+        let limit = params.limit.unwrap_or(PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(ApiError::invalid_param(format!(
+                "`limit` must be 1 to {MAX_PAGE}"
+            )));
+        }
+        Ok((params.from.unwrap_or(0), limit))
+    }
+}
+
+/// A stored JSON text as JSON, or as a string if it is not (it was JSON when stored).
+pub(crate) fn as_json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 async fn parked(
@@ -71,22 +98,12 @@ async fn parked(
     params: Result<Query<PageParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let dest = destination(path)?;
-    let Query(params) = params.map_err(|e| ApiError::invalid_param(e.body_text()))?;
-    let limit = params.limit.unwrap_or(PAGE);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::invalid_param(format!(
-            "`limit` must be 1 to {MAX_PAGE}"
-        )));
-    }
-    let page = app.store.parked(&dest, params.from.unwrap_or(0), limit)?;
+    let (after, limit) = PageParams::checked(params)?;
+    let page = app.store.parked(&dest, after, limit)?;
     let next_from = (page.len() == limit).then(|| page[limit - 1].seq);
     let entries: Vec<Value> = page
         .into_iter()
-        .map(|p| {
-            // Parked EDUs were JSON when queued; show them as such, else as text.
-            let edu = serde_json::from_str::<Value>(&p.edu).unwrap_or(Value::String(p.edu));
-            json!({"seq": p.seq, "reason": p.reason, "edu": edu})
-        })
+        .map(|p| json!({"seq": p.seq, "reason": p.reason, "edu": as_json(p.edu.as_bytes())}))
         .collect();
     let mut out = json!({ "destination": dest, "parked": entries });
     if let Some(n) = next_from {

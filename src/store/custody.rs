@@ -6,13 +6,17 @@
 //! homeserver (`Dir::In`, queued per origin). Key layout:
 //! - `custody`:        `dir \0 queue \0 seq(be64)` -> envelope JSON `\n` body bytes
 //! - `custody_state`:  `dir \0 queue` -> JSON [`QueueState`] (backoff)
-//! - `custody_parked`: `dir \0 queue \0 seq(be64)` -> JSON `{reason, ...}` `\n` body
+//! - `custody_parked`: `dir \0 queue \0 seq(be64)` -> JSON `{reason, txn_id, path,
+//!   received_ts, headers}` `\n` body (`headers` since requeue exists: older rows
+//!   lack it and cannot be replayed)
 //! - `custody_txns`:   `dir \0 queue \0 txn_id` -> ts (expiring replay marker)
 //!
 //! Rows are numbered by the store's writer in commit order, so a queue replays in the
 //! order its transactions were accepted. A row leaves `custody` only when the far side
 //! answered 2xx (deleted) or refused it for good (moved to `custody_parked` with the
-//! reason). The body is never parsed or rewritten here: the signature covers it.
+//! reason). A parked one returns only by an operator's requeue: a new row at the end of
+//! its queue, written in the commit that deletes it from `custody_parked`. The body is
+//! never parsed or rewritten here: the signature covers it.
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +58,33 @@ pub struct Held {
     pub seq: u64,
     pub envelope: Envelope,
     pub body: Vec<u8>,
+}
+
+/// One held transaction the far side refused for good, as `custody_parked` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedHeld {
+    /// Its position in the queue it left.
+    pub seq: u64,
+    /// Why: the far side's answer (`HTTP 400: ...`).
+    pub reason: String,
+    /// What replays it; `None` for a row parked before headers were kept (it cannot
+    /// be replayed: its `Authorization` is gone).
+    pub envelope: Option<Envelope>,
+    /// Without its headers, for rows that lack them.
+    pub txn_id: String,
+    pub path: String,
+    pub received_ts: u64,
+    pub body: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ParkedHead {
+    reason: String,
+    txn_id: String,
+    path: String,
+    received_ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    headers: Option<Vec<(String, String)>>,
 }
 
 /// Delivery state of one queue; the default means "healthy".
@@ -177,12 +208,13 @@ impl Store {
 
     /// Moves a transaction the far side refused for good to `custody_parked` (in `b`).
     pub fn custody_park(&self, b: &mut Batch, dir: Dir, queue: &str, held: &Held, reason: &str) {
-        let head = serde_json::json!({
-            "reason": reason,
-            "txn_id": held.envelope.txn_id,
-            "path": held.envelope.path,
-            "received_ts": held.envelope.received_ts,
-        });
+        let head = ParkedHead {
+            reason: reason.to_owned(),
+            txn_id: held.envelope.txn_id.clone(),
+            path: held.envelope.path.clone(),
+            received_ts: held.envelope.received_ts,
+            headers: Some(held.envelope.headers.clone()),
+        };
         let mut v = serde_json::to_vec(&head).expect("serializes");
         v.push(b'\n');
         v.extend_from_slice(&held.body);
@@ -192,6 +224,55 @@ impl Store {
             v,
         );
         b.0.delete_cf(self.cf(cf::CUSTODY), entry_key(dir, queue, held.seq));
+    }
+
+    /// Up to `limit` of a queue's parked transactions above position `after`, oldest
+    /// first. One goes back to its queue by an [`super::Append::Held`] with its
+    /// envelope and body and an [`super::Append::UnparkHeld`] with its `seq`, in one
+    /// append.
+    pub fn custody_parked(
+        &self,
+        dir: Dir,
+        queue: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ParkedHeld>, StoreError> {
+        let prefix = queue_prefix(dir, queue);
+        let from = entry_key(dir, queue, after.saturating_add(1));
+        let corrupt = |detail: String| StoreError::Corrupt {
+            cf: cf::CUSTODY_PARKED,
+            detail,
+        };
+        let mut out = Vec::new();
+        for item in self
+            .scan_from(cf::CUSTODY_PARKED, &prefix, &from)
+            .take(limit)
+        {
+            let (k, v) = item?;
+            let seq = read_u64(&k[prefix.len()..]).ok_or_else(|| corrupt("short key".into()))?;
+            let nl = v
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| corrupt("no separator".into()))?;
+            let head: ParkedHead =
+                serde_json::from_slice(&v[..nl]).map_err(|e| corrupt(e.to_string()))?;
+            let envelope = head.headers.map(|headers| Envelope {
+                txn_id: head.txn_id.clone(),
+                path: head.path.clone(),
+                headers,
+                received_ts: head.received_ts,
+            });
+            out.push(ParkedHeld {
+                seq,
+                reason: head.reason,
+                envelope,
+                txn_id: head.txn_id,
+                path: head.path,
+                received_ts: head.received_ts,
+                body: v[nl + 1..].to_vec(),
+            });
+        }
+        Ok(out)
     }
 
     pub fn custody_parked_count(&self, dir: Dir, queue: &str) -> usize {
@@ -306,6 +387,72 @@ mod tests {
         assert_eq!(s.custody_parked_count(Dir::Out, "b.test"), 1);
         assert_eq!(s.custody_parked_queues(Dir::Out).unwrap(), vec!["b.test"]);
         assert_eq!(s.custody_depth(Dir::In, "origin.test").unwrap().0, 1);
+    }
+
+    /// A parked transaction is listed with its reason and everything that replays it,
+    /// and one append puts it back at the end of its queue, byte for byte; a row
+    /// parked before headers were kept is listed as not replayable.
+    #[tokio::test]
+    async fn a_parked_transaction_goes_back_to_its_queue_in_one_append() {
+        let (_d, s) = temp_store();
+        s.append(vec![held("t1", b"{\n}\xff"), held("t2", b"{}")])
+            .await
+            .unwrap();
+        let head = s.custody_head(Dir::Out, "b.test").unwrap().unwrap();
+        let mut b = Batch::new();
+        s.custody_park(&mut b, Dir::Out, "b.test", &head, "HTTP 400: no");
+        // As an earlier version parked it: no headers.
+        b.0.put_cf(
+            s.cf(cf::CUSTODY_PARKED),
+            entry_key(Dir::Out, "b.test", head.seq + 1000),
+            b"{\"reason\":\"HTTP 403\",\"txn_id\":\"old\",\"path\":\"/p\",\"received_ts\":3}\n{}",
+        );
+        s.commit(b).await.unwrap();
+        let parked = s.custody_parked(Dir::Out, "b.test", 0, 10).unwrap();
+        assert_eq!(parked.len(), 2);
+        assert_eq!(parked[0].reason, "HTTP 400: no");
+        assert_eq!(parked[0].envelope.as_ref(), Some(&head.envelope));
+        assert_eq!(parked[0].body, b"{\n}\xff");
+        assert_eq!(
+            (parked[1].envelope.as_ref(), &parked[1].txn_id[..]),
+            (None, "old")
+        );
+        let page = s
+            .custody_parked(Dir::Out, "b.test", parked[0].seq, 10)
+            .unwrap();
+        assert_eq!(page.len(), 1, "after a position");
+        assert!(
+            s.custody_parked(Dir::In, "b.test", 0, 10)
+                .unwrap()
+                .is_empty()
+        );
+
+        s.append(vec![
+            Append::Held {
+                dir: Dir::Out,
+                queue: "b.test".into(),
+                record: encode(parked[0].envelope.as_ref().unwrap(), &parked[0].body),
+            },
+            Append::UnparkHeld {
+                dir: Dir::Out,
+                queue: "b.test".into(),
+                seq: parked[0].seq,
+            },
+        ])
+        .await
+        .unwrap();
+        assert_eq!(
+            s.custody_parked_count(Dir::Out, "b.test"),
+            1,
+            "the old row stays"
+        );
+        let next = s.custody_head(Dir::Out, "b.test").unwrap().unwrap();
+        assert_eq!(next.envelope.txn_id, "t2", "requeued at the end");
+        let mut b = Batch::new();
+        s.custody_ack(&mut b, Dir::Out, "b.test", next.seq);
+        s.commit(b).await.unwrap();
+        let again = s.custody_head(Dir::Out, "b.test").unwrap().unwrap();
+        assert_eq!((again.envelope, again.body), (head.envelope, head.body));
     }
 
     #[tokio::test]

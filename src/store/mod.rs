@@ -184,6 +184,13 @@ pub enum Append {
     /// of the same request (see `Store::parked`): one commit, so it is never in
     /// both places, nor in neither.
     Unpark { dest: String, seq: u64 },
+    /// Removes a parked held transaction, put back in its queue by a `Held` op of the
+    /// same request (see `Store::custody_parked`).
+    UnparkHeld {
+        dir: custody::Dir,
+        queue: String,
+        seq: u64,
+    },
 }
 
 struct AppendRequest {
@@ -467,6 +474,9 @@ impl Writer {
                     }
                     Append::Unpark { dest, seq } => {
                         deletes.push((cf::PARKED, outbox::entry_key(dest, *seq)));
+                    }
+                    Append::UnparkHeld { dir, queue, seq } => {
+                        deletes.push((cf::CUSTODY_PARKED, custody::entry_key(*dir, queue, *seq)));
                     }
                 }
             }
