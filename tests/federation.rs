@@ -443,6 +443,12 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_until_requeu
     let messages = &entries[0]["edu"]["content"]["messages"][&to];
     assert_eq!(messages["X"]["n"], 13, "{parked}");
     assert!(parked.get("next_from").is_none(), "one page: {parked}");
+    // Paging: a full page names where the next starts.
+    let first = cli(&["destination", "parked", &dest, "--limit", "1"]);
+    assert_eq!(first["next_from"], entries[0]["seq"], "{first}");
+    let from = first["next_from"].to_string();
+    let rest = cli(&["destination", "parked", &dest, "--from", &from]);
+    assert_eq!(rest["parked"], json!([]), "{rest}");
     // Bad input is refused clearly, not with a plain-text 400.
     let bad = insecure_client()
         .get(a.url("/_courier/admin/v1/destinations/not%20a%20server/parked"))
@@ -453,6 +459,21 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_until_requeu
     assert_eq!(bad.status(), 400);
     let bad: Value = bad.json().await.unwrap();
     assert_eq!(bad["errcode"], "M_INVALID_PARAM", "{bad}");
+    let (code, _, err) = common::run_cli(
+        &[
+            "destination",
+            "parked",
+            &dest,
+            "--limit",
+            "0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        "",
+        a.dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("M_INVALID_PARAM"), "{err}");
 
     // Fixed on the far side; the operator requeues, and it is delivered exactly once.
     PICKY_FIXED.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -100,16 +100,22 @@ async fn parked(
     let dest = destination(path)?;
     let (after, limit) = PageParams::checked(params)?;
     let page = app.store.parked(&dest, after, limit)?;
-    let next_from = (page.len() == limit).then(|| page[limit - 1].seq);
-    let entries: Vec<Value> = page
+    let last = (page.len() == limit).then(|| page[limit - 1].seq);
+    let entries = page
         .into_iter()
         .map(|p| json!({"seq": p.seq, "reason": p.reason, "edu": as_json(p.edu.as_bytes())}))
         .collect();
-    let mut out = json!({ "destination": dest, "parked": entries });
-    if let Some(n) = next_from {
-        out["next_from"] = json!(n);
+    Ok(page_answer(json!({ "destination": dest }), entries, last))
+}
+
+/// A page of parked entries: `head`'s fields, `parked`, and `next_from` (the last
+/// entry's position) when the page was full.
+pub(crate) fn page_answer(mut head: Value, entries: Vec<Value>, last: Option<u64>) -> Json<Value> {
+    head["parked"] = Value::Array(entries);
+    if let Some(n) = last {
+        head["next_from"] = json!(n);
     }
-    Ok(Json(out))
+    Json(head)
 }
 
 async fn requeue(

@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 use crate::app::App;
 use crate::client::admin::Admin;
 use crate::error::{ApiError, matrix};
-use crate::federation::admin::{PageParams, as_json, server_name_param};
+use crate::federation::admin::{PageParams, as_json, page_answer, server_name_param};
 use crate::store::custody::{self, Dir};
 use crate::store::{Append, StoreError, now_ms};
 
@@ -70,8 +70,8 @@ async fn parked(
     let (dir, queue) = queue(path)?;
     let (after, limit) = PageParams::checked(params)?;
     let page = app.store.custody_parked(dir, &queue, after, limit)?;
-    let next_from = (page.len() == limit).then(|| page[limit - 1].seq);
-    let entries: Vec<Value> = page
+    let last = (page.len() == limit).then(|| page[limit - 1].seq);
+    let entries = page
         .into_iter()
         .map(|p| {
             json!({
@@ -85,11 +85,7 @@ async fn parked(
             })
         })
         .collect();
-    let mut out = json!({ "queue": queue, "parked": entries });
-    if let Some(n) = next_from {
-        out["next_from"] = json!(n);
-    }
-    Ok(Json(out))
+    Ok(page_answer(json!({ "queue": queue }), entries, last))
 }
 
 async fn requeue(
