@@ -1,5 +1,5 @@
 //! The command-line side of the admin API: `courier user add`, `courier device
-//! add|delete|list`, `courier destination|offload list|parked|requeue` call the RUNNING server, never its store (RocksDB admits one process).
+//! add|delete|list`, `courier destination|offload list|parked|requeue|discard` call the RUNNING server, never its store (RocksDB admits one process).
 //!
 //! Owns how the CLI finds and trusts the server, from the same config file:
 //! - the first listener with the `admin` resource; a wildcard address (`0.0.0.0`,
@@ -49,6 +49,9 @@ pub enum Command {
     DestinationRequeue {
         destination: String,
     },
+    DestinationDiscard {
+        destination: String,
+    },
     OffloadList,
     /// `direction`: `outbound` (queue = destination) or `inbound` (queue = origin).
     OffloadParked {
@@ -58,6 +61,10 @@ pub enum Command {
         limit: usize,
     },
     OffloadRequeue {
+        direction: String,
+        queue: String,
+    },
+    OffloadDiscard {
         direction: String,
         queue: String,
     },
@@ -193,6 +200,11 @@ impl Target {
                 format!("/destinations/{}/requeue", seg(destination)),
                 None,
             ),
+            Command::DestinationDiscard { destination } => (
+                reqwest::Method::POST,
+                format!("/destinations/{}/discard", seg(destination)),
+                None,
+            ),
             Command::OffloadList => (reqwest::Method::GET, "/offload".to_owned(), None),
             Command::OffloadParked {
                 direction,
@@ -212,6 +224,11 @@ impl Target {
             Command::OffloadRequeue { direction, queue } => (
                 reqwest::Method::POST,
                 format!("/offload/{}/{}/requeue", seg(direction), seg(queue)),
+                None,
+            ),
+            Command::OffloadDiscard { direction, queue } => (
+                reqwest::Method::POST,
+                format!("/offload/{}/{}/discard", seg(direction), seg(queue)),
                 None,
             ),
         };

@@ -138,6 +138,13 @@ enum DestinationCommand {
         #[arg(long, default_value = "config/courier.toml")]
         config: PathBuf,
     },
+    /// Delete a destination's parked EDUs for good (logged and counted); prints
+    /// {"discarded": n}.
+    Discard {
+        destination: String,
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +171,15 @@ enum OffloadCommand {
     /// Put a queue's parked transactions back at its end, to be replayed verbatim
     /// again; prints {"requeued": n, "not_requeueable": m}.
     Requeue {
+        #[arg(value_parser = ["outbound", "inbound"])]
+        direction: String,
+        queue: String,
+        #[arg(long, default_value = "config/courier.toml")]
+        config: PathBuf,
+    },
+    /// Delete a queue's parked transactions for good (logged and counted); prints
+    /// {"discarded": n}.
+    Discard {
         #[arg(value_parser = ["outbound", "inbound"])]
         direction: String,
         queue: String,
@@ -293,6 +309,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &config,
                 admin_cli::Command::OffloadRequeue { direction, queue },
             ),
+            OffloadCommand::Discard {
+                direction,
+                queue,
+                config,
+            } => admin(
+                &config,
+                admin_cli::Command::OffloadDiscard { direction, queue },
+            ),
         },
         Command::Destination { command } => match command {
             DestinationCommand::List { config } => {
@@ -317,6 +341,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => admin(
                 &config,
                 admin_cli::Command::DestinationRequeue { destination },
+            ),
+            DestinationCommand::Discard {
+                destination,
+                config,
+            } => admin(
+                &config,
+                admin_cli::Command::DestinationDiscard { destination },
             ),
         },
     }

@@ -391,7 +391,7 @@ async fn wait_delivered(fake: &FakeReceiver, want: usize, a: &Courier) -> Vec<u6
 }
 
 #[tokio::test]
-async fn refused_transactions_are_split_and_a_refused_edu_is_parked_until_requeued() {
+async fn refused_transactions_are_split_and_a_refused_edu_is_parked_until_requeued_or_discarded() {
     let fake = FakeReceiver::start(picky).await;
     let a = Courier::start().await;
     let alice = device(&a, &format!("@alice:{}", a.server_name), "ALICE").await;
@@ -487,6 +487,28 @@ async fn refused_transactions_are_split_and_a_refused_edu_is_parked_until_requeu
     // Nothing more arrives: the requeued EDU was delivered once, not twice.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.delivered().len(), 40);
+
+    // Refused again (from another device, so not a retransmission), and this time
+    // the operator gives up on it: discarded for good, never delivered.
+    PICKY_FIXED.store(false, std::sync::atomic::Ordering::SeqCst);
+    let phone = device(&a, &format!("@alice:{}", a.server_name), "PHONE").await;
+    send_many(&a.base(), &phone, &to, "X", 13..14).await;
+    let end = Instant::now() + Duration::from_secs(30);
+    while cli(&["destination", "list"])["destinations"][&dest]["parked"] != 1 {
+        assert!(Instant::now() < end, "never parked again\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cli(&["destination", "discard", &dest])["discarded"], 1);
+    assert_eq!(
+        cli(&["destination", "parked", &dest])["parked"],
+        json!([]),
+        "gone"
+    );
+    assert!(a.log().contains("discarded by an operator"));
+    assert!(a.metrics().await.contains("courier_edus_discarded_total 1"));
+    PICKY_FIXED.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.delivered().len(), 40, "a discarded EDU is never sent");
 }
 
 #[tokio::test]

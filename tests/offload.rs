@@ -573,6 +573,27 @@ async fn offload_custody_replays_verbatim_in_order_and_parks_refusals_until_requ
             .await
             .contains("courier_offload_requeued_total{direction=\"out\"} 1")
     );
+    // Refused again, and given up on: discarded, never replayed.
+    dest.answer(400, r#"{"errcode":"M_BAD_JSON"}"#);
+    assert_eq!(put("t4b", edus(4).as_bytes()).0, 200);
+    wait_for("t4b parked", Duration::from_secs(20), async || {
+        held_view().await["parked"] == 1
+    })
+    .await;
+    dest.answer(200, r#"{"pdus":{}}"#);
+    let before = dest.count();
+    let discarded = cli(&["offload", "discard", "outbound", "dest.test"]);
+    assert_eq!(discarded, json!({"discarded": 1}));
+    assert_eq!(
+        cli(&["offload", "parked", "outbound", "dest.test"])["parked"],
+        json!([])
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        dest.count(),
+        before,
+        "a discarded transaction is not replayed"
+    );
 
     // PDUs: passed through, the destination's own answer comes back, nothing held.
     dest.answer(200, r#"{"pdus":{"$ev":{"error":"the real answer"}}}"#);

@@ -5,6 +5,7 @@
 //! | `GET /destinations`                               | per destination: queued, parked, failures, next attempt, last error, in-flight txn |
 //! | `GET /destinations/{dest}/parked?from=&limit=`    | `{parked: [{seq, reason, edu}], next_from?}`, oldest first |
 //! | `POST /destinations/{dest}/requeue`               | `{requeued: n}`: every parked EDU back at the end of its queue |
+//! | `POST /destinations/{dest}/discard`                | `{discarded: n}`: every parked EDU deleted for good |
 //!
 //! A parked EDU is one the destination refused for good (a 4xx other than 429): it
 //! waits in `parked` until an operator, having fixed whatever made it refusable,
@@ -13,7 +14,10 @@
 //! `max_queued_per_destination` (those EDUs were accepted once already).
 //! Mounted with the rest of the admin API and guarded by the same token check.
 //!
-//! This module never delivers, and never drops, an EDU itself.
+//! Discarding is the one way an operator drops parked EDUs (say, ones a destination
+//! will never take); it is logged as a warning and counted.
+//!
+//! This module never delivers, and never drops, an EDU on its own initiative.
 
 use std::collections::BTreeSet;
 
@@ -47,6 +51,10 @@ pub fn router() -> Router<App> {
         .route(
             "/_courier/admin/v1/destinations/{dest}/requeue",
             matrix(post(requeue)),
+        )
+        .route(
+            "/_courier/admin/v1/destinations/{dest}/discard",
+            matrix(post(discard)),
         )
 }
 
@@ -123,20 +131,42 @@ async fn requeue(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let dest = destination(path)?;
+    let n = take_parked(app, destination(path)?, Take::Requeue).await?;
+    Ok(Json(json!({ "requeued": n })))
+}
+
+async fn discard(
+    _: Admin,
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let n = take_parked(app, destination(path)?, Take::Discard).await?;
+    Ok(Json(json!({ "discarded": n })))
+}
+
+/// What an operator does with parked entries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Back to the end of the queue.
+    Requeue,
+    /// Deleted for good.
+    Discard,
+}
+
+/// Takes every EDU `dest` had parked when the request came, in batches, each batch
+/// in one synced commit; how many.
+async fn take_parked(app: App, dest: String, take: Take) -> Result<u64, ApiError> {
     // In a task of its own: an operator who hangs up mid-way leaves no half-moved
-    // batch and no unwoken queue. One requeue at a time, so two cannot both move
-    // the same parked EDU.
-    let task_app = app.clone();
-    let moved = tokio::spawn(async move {
-        let app = task_app;
+    // batch and no unwoken queue. One at a time, so two cannot both take the same
+    // parked EDU.
+    tokio::spawn(async move {
         let _one_at_a_time = app.requeue_lock.lock().await;
         // Only what was parked before this request: an EDU requeued here and parked
         // again (the far side still refuses it) has a later position and waits for
         // the next requeue, so a request always ends.
         let bound = app.store.last_seq();
         let mut after = 0;
-        let mut moved = 0u64;
+        let mut taken = 0u64;
         loop {
             let mut batch = app.store.parked(&dest, after, REQUEUE_BATCH)?;
             batch.retain(|p| p.seq <= bound);
@@ -147,28 +177,39 @@ async fn requeue(
             let n = batch.len() as u64;
             let mut ops = Vec::with_capacity(batch.len() * 2);
             for p in batch {
-                ops.push(Append::Outbox {
-                    dest: dest.clone(),
-                    edu: p.edu.into_bytes(),
-                });
+                if take == Take::Requeue {
+                    ops.push(Append::Outbox {
+                        dest: dest.clone(),
+                        edu: p.edu.into_bytes(),
+                    });
+                }
                 ops.push(Append::Unpark {
                     dest: dest.clone(),
                     seq: p.seq,
                 });
             }
             app.store.append(ops).await?;
-            app.sender.enqueued(&dest, n);
-            moved += n;
+            if take == Take::Requeue {
+                app.sender.enqueued(&dest, n);
+            }
+            taken += n;
         }
-        if moved > 0 {
-            metrics::counter!("courier_edus_requeued_total").increment(moved);
-            tracing::info!(destination = %dest, edus = moved, "parked EDUs requeued by an operator");
+        match take {
+            _ if taken == 0 => {}
+            Take::Requeue => {
+                metrics::counter!("courier_edus_requeued_total").increment(taken);
+                tracing::info!(destination = %dest, edus = taken, "parked EDUs requeued by an operator");
+            }
+            Take::Discard => {
+                metrics::counter!("courier_edus_discarded_total").increment(taken);
+                tracing::warn!(destination = %dest, edus = taken, "parked EDUs discarded by an operator");
+            }
         }
-        Ok::<_, StoreError>(moved)
+        Ok::<_, StoreError>(taken)
     })
     .await
-    .map_err(ApiError::internal)??;
-    Ok(Json(json!({ "requeued": moved })))
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::from)
 }
 
 async fn destinations(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {

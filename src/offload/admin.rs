@@ -5,15 +5,17 @@
 //! | `GET /offload`                                       | per destination (outbound) and origin (inbound): held, oldest age, parked, failures, next attempt, last error |
 //! | `GET /offload/{outbound|inbound}/{queue}/parked?from=&limit=` | `{parked: [{seq, reason, txn_id, path, received_ts, requeueable, body}], next_from?}` |
 //! | `POST /offload/{outbound|inbound}/{queue}/requeue`   | `{requeued, not_requeueable}`         |
+//! | `POST /offload/{outbound|inbound}/{queue}/discard`   | `{discarded}`: deleted for good       |
 //!
 //! A requeued transaction is replayed byte for byte, headers included, as when it was
 //! first held: each goes back to the end of its queue in the one synced commit that
 //! removes it from `custody_parked`. Rows parked by a version that did not keep the
 //! headers cannot be replayed (the origin's `Authorization` is gone); they stay, and
-//! are counted as `not_requeueable`. Guarded by the admin token like the rest of the
-//! admin API.
+//! are counted as `not_requeueable` (discard is the way to be rid of them). Guarded
+//! by the admin token like the rest of the admin API.
 //!
-//! This module never replays, and never drops, a held transaction itself.
+//! Discarding, logged as a warning and counted, is the one way an operator drops
+//! parked transactions; this module never replays or drops one on its own initiative.
 
 use std::collections::BTreeSet;
 
@@ -26,7 +28,7 @@ use serde_json::{Map, Value, json};
 use crate::app::App;
 use crate::client::admin::Admin;
 use crate::error::{ApiError, matrix};
-use crate::federation::admin::{PageParams, as_json, page_answer, server_name_param};
+use crate::federation::admin::{PageParams, Take, as_json, page_answer, server_name_param};
 use crate::store::custody::{self, Dir};
 use crate::store::{Append, StoreError, now_ms};
 
@@ -43,6 +45,10 @@ pub fn router() -> Router<App> {
         .route(
             "/_courier/admin/v1/offload/{direction}/{queue}/requeue",
             matrix(post(requeue)),
+        )
+        .route(
+            "/_courier/admin/v1/offload/{direction}/{queue}/discard",
+            matrix(post(discard)),
         )
 }
 
@@ -94,14 +100,33 @@ async fn requeue(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (dir, queue) = queue(path)?;
-    // As for parked EDUs (`federation::admin`): in a task of its own, one requeue at
-    // a time, and only what was parked before the request.
-    let task_app = app.clone();
-    let (moved, stuck) = tokio::spawn(async move {
-        let app = task_app;
+    let (moved, stuck) = take_parked(app, dir, queue, Take::Requeue).await?;
+    Ok(Json(json!({ "requeued": moved, "not_requeueable": stuck })))
+}
+
+async fn discard(
+    _: Admin,
+    State(app): State<App>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (dir, queue) = queue(path)?;
+    let (n, _) = take_parked(app, dir, queue, Take::Discard).await?;
+    Ok(Json(json!({ "discarded": n })))
+}
+
+/// As for parked EDUs (`federation::admin`): in a task of its own, one at a time,
+/// only what was parked before the request, each batch in one synced commit. Returns
+/// how many were taken, and (requeue) how many were left for lack of headers.
+async fn take_parked(
+    app: App,
+    dir: Dir,
+    queue: String,
+    take: Take,
+) -> Result<(u64, u64), ApiError> {
+    tokio::spawn(async move {
         let _one_at_a_time = app.requeue_lock.lock().await;
         let bound = app.store.last_seq();
-        let (mut after, mut moved, mut stuck) = (0, 0u64, 0u64);
+        let (mut after, mut taken, mut stuck) = (0, 0u64, 0u64);
         loop {
             let mut batch = app
                 .store
@@ -113,41 +138,52 @@ async fn requeue(
             after = last.seq;
             let mut ops = Vec::with_capacity(batch.len() * 2);
             for p in batch {
-                let Some(envelope) = p.envelope else {
-                    stuck += 1;
-                    continue;
-                };
-                ops.push(Append::Held {
-                    dir,
-                    queue: queue.clone(),
-                    record: custody::encode(&envelope, &p.body),
-                });
+                if take == Take::Requeue {
+                    let Some(envelope) = p.envelope else {
+                        stuck += 1;
+                        continue;
+                    };
+                    ops.push(Append::Held {
+                        dir,
+                        queue: queue.clone(),
+                        record: custody::encode(&envelope, &p.body),
+                    });
+                }
                 ops.push(Append::UnparkHeld {
                     dir,
                     queue: queue.clone(),
                     seq: p.seq,
                 });
+                taken += 1;
             }
             if ops.is_empty() {
                 continue;
             }
-            moved += ops.len() as u64 / 2;
             app.store.append(ops).await?;
-            app.relay.wake(dir, &queue);
+            if take == Take::Requeue {
+                app.relay.wake(dir, &queue);
+            }
         }
         let labels = [("direction", dir.tag())];
-        if moved > 0 {
-            metrics::counter!("courier_offload_requeued_total", &labels).increment(moved);
-            tracing::info!(direction = dir.tag(), queue = %queue, transactions = moved, "parked transactions requeued by an operator");
+        match take {
+            _ if taken == 0 => {}
+            Take::Requeue => {
+                metrics::counter!("courier_offload_requeued_total", &labels).increment(taken);
+                tracing::info!(direction = dir.tag(), queue = %queue, transactions = taken, "parked transactions requeued by an operator");
+            }
+            Take::Discard => {
+                metrics::counter!("courier_offload_discarded_total", &labels).increment(taken);
+                tracing::warn!(direction = dir.tag(), queue = %queue, transactions = taken, "parked transactions discarded by an operator");
+            }
         }
         if stuck > 0 {
-            tracing::warn!(direction = dir.tag(), queue = %queue, transactions = stuck, "parked transactions kept: parked without their headers, they cannot be replayed");
+            tracing::warn!(direction = dir.tag(), queue = %queue, transactions = stuck, "parked transactions kept: parked without their headers, they cannot be replayed (discard them instead)");
         }
-        Ok::<_, StoreError>((moved, stuck))
+        Ok::<_, StoreError>((taken, stuck))
     })
     .await
-    .map_err(ApiError::internal)??;
-    Ok(Json(json!({ "requeued": moved, "not_requeueable": stuck })))
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::from)
 }
 
 async fn offload(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {

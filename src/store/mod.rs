@@ -180,12 +180,12 @@ pub enum Append {
         marker: dedupe::Marker,
         parts: Vec<String>,
     },
-    /// Removes one of `dest`'s parked EDUs, put back in its queue by an `Outbox` op
-    /// of the same request (see `Store::parked`): one commit, so it is never in
-    /// both places, nor in neither.
+    /// Removes one of `dest`'s parked EDUs: put back in its queue by an `Outbox` op
+    /// of the same request (see `Store::parked`; one commit, so it is never in both
+    /// places, nor in neither), or alone, discarded by an operator.
     Unpark { dest: String, seq: u64 },
-    /// Removes a parked held transaction, put back in its queue by a `Held` op of the
-    /// same request (see `Store::custody_parked`).
+    /// Removes a parked held transaction: put back in its queue by a `Held` op of the
+    /// same request (see `Store::custody_parked`), or alone, discarded by an operator.
     UnparkHeld {
         dir: custody::Dir,
         queue: String,
