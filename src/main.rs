@@ -113,6 +113,17 @@ enum DeviceCommand {
     },
 }
 
+/// Which page of a listing of parked entries.
+#[derive(clap::Args)]
+struct Page {
+    /// Start after this position (a page's `next_from`).
+    #[arg(long)]
+    from: Option<u64>,
+    /// Entries per page (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
 #[derive(Subcommand)]
 enum DestinationCommand {
     /// Every destination with work or delivery state: queued, parked, backoff.
@@ -123,11 +134,8 @@ enum DestinationCommand {
     /// The EDUs a destination refused for good, with its answers (oldest first).
     Parked {
         destination: String,
-        /// Start after this position (a page's `next_from`).
-        #[arg(long)]
-        from: Option<u64>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[command(flatten)]
+        page: Page,
         #[arg(long, default_value = "config/courier.toml")]
         config: PathBuf,
     },
@@ -160,11 +168,8 @@ enum OffloadCommand {
         direction: String,
         /// The destination (outbound) or origin (inbound) server name.
         queue: String,
-        /// Start after this position (a page's `next_from`).
-        #[arg(long)]
-        from: Option<u64>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[command(flatten)]
+        page: Page,
         #[arg(long, default_value = "config/courier.toml")]
         config: PathBuf,
     },
@@ -289,8 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             OffloadCommand::Parked {
                 direction,
                 queue,
-                from,
-                limit,
+                page: Page { from, limit },
                 config,
             } => admin(
                 &config,
@@ -324,8 +328,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             DestinationCommand::Parked {
                 destination,
-                from,
-                limit,
+                page: Page { from, limit },
                 config,
             } => admin(
                 &config,
