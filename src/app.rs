@@ -38,7 +38,7 @@ pub struct AppInner {
     /// a retransmission is serialized with its first attempt whichever listener
     /// each came through.
     pub txn_locks: Arc<TxnLocks>,
-    /// Held while parked EDUs go back to their queues (admin requeue).
+    /// Held while an operator requeues or discards parked entries (`crate::parked`).
     pub requeue_lock: tokio::sync::Mutex<()>,
 }
 

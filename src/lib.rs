@@ -18,6 +18,7 @@ pub mod logging;
 pub mod memory;
 pub mod notify;
 pub mod offload;
+pub mod parked;
 pub mod server;
 pub mod signing;
 pub mod store;

@@ -10,8 +10,8 @@
 //! A parked EDU is one the destination refused for good (a 4xx other than 429): it
 //! waits in `parked` until an operator, having fixed whatever made it refusable,
 //! requeues it. Requeueing moves each EDU in one synced commit (out of `parked`, into
-//! the queue), so it is never in both places nor in neither; it bypasses
-//! `max_queued_per_destination` (those EDUs were accepted once already).
+//! the queue; see `crate::parked`), so it is never in both places nor in neither; it
+//! bypasses `max_queued_per_destination` (those EDUs were accepted once already).
 //! Mounted with the rest of the admin API and guarded by the same token check.
 //!
 //! Discarding is the one way an operator drops parked EDUs (say, ones a destination
@@ -25,20 +25,16 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::client::admin::Admin;
 use crate::error::{ApiError, matrix};
-use crate::federation::routes::path_param;
-use crate::ids::ServerName;
-use crate::store::{Append, StoreError, now_ms};
+use crate::federation::routes::{path_param, server_name_param};
+use crate::parked::{PageParams, Take, as_json, page_answer, take_in_batches};
+use crate::store::{Append, now_ms};
 
-/// Parked EDUs listed per page when the request names no `limit`, and at most.
-const PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-/// Parked EDUs moved back per synced commit.
+/// Parked EDUs taken per synced commit.
 const REQUEUE_BATCH: usize = 1000;
 
 pub fn router() -> Router<App> {
@@ -63,42 +59,6 @@ fn destination(path: Result<Path<String>, PathRejection>) -> Result<String, ApiE
     server_name_param(path_param(path)?)
 }
 
-/// `name` if it is a server name, else 400 `M_INVALID_PARAM`.
-pub(crate) fn server_name_param(name: String) -> Result<String, ApiError> {
-    ServerName::parse(&name)
-        .map_err(|e| ApiError::invalid_param(format!("`{name}` is not a server name: {e}")))?;
-    Ok(name)
-}
-
-/// `?from=SEQ&limit=N` of a listing of parked entries.
-#[derive(Deserialize)]
-pub(crate) struct PageParams {
-    from: Option<u64>,
-    limit: Option<usize>,
-}
-
-impl PageParams {
-    /// `(after, limit)`, or 400 `M_INVALID_PARAM`.
-    pub(crate) fn checked(
-        params: Result<Query<PageParams>, QueryRejection>,
-    ) -> Result<(u64, usize), ApiError> {
-        let Query(params) = params.map_err(|e| ApiError::invalid_param(e.body_text()))?;
-        let limit = params.limit.unwrap_or(PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(ApiError::invalid_param(format!(
-                "`limit` must be 1 to {MAX_PAGE}"
-            )));
-        }
-        Ok((params.from.unwrap_or(0), limit))
-    }
-}
-
-/// A stored JSON text as JSON, or as a string if it is not (it was JSON when stored).
-pub(crate) fn as_json(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
-}
-
 async fn parked(
     _: Admin,
     State(app): State<App>,
@@ -107,23 +67,16 @@ async fn parked(
 ) -> Result<Json<Value>, ApiError> {
     let dest = destination(path)?;
     let (after, limit) = PageParams::checked(params)?;
-    let page = app.store.parked(&dest, after, limit)?;
-    let last = (page.len() == limit).then(|| page[limit - 1].seq);
-    let entries = page
+    let entries = app
+        .store
+        .parked(&dest, after, limit)?
         .into_iter()
-        .map(|p| json!({"seq": p.seq, "reason": p.reason, "edu": as_json(p.edu.as_bytes())}))
+        .map(|p| {
+            let entry = json!({"seq": p.seq, "reason": p.reason, "edu": as_json(p.edu.as_bytes())});
+            (p.seq, entry)
+        })
         .collect();
-    Ok(page_answer(json!({ "destination": dest }), entries, last))
-}
-
-/// A page of parked entries: `head`'s fields, `parked`, and `next_from` (the last
-/// entry's position) when the page was full.
-pub(crate) fn page_answer(mut head: Value, entries: Vec<Value>, last: Option<u64>) -> Json<Value> {
-    head["parked"] = Value::Array(entries);
-    if let Some(n) = last {
-        head["next_from"] = json!(n);
-    }
-    Json(head)
+    Ok(page_answer(json!({ "destination": dest }), entries, limit))
 }
 
 async fn requeue(
@@ -131,7 +84,7 @@ async fn requeue(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let n = take_parked(app, destination(path)?, Take::Requeue).await?;
+    let n = take(app, destination(path)?, Take::Requeue).await?;
     Ok(Json(json!({ "requeued": n })))
 }
 
@@ -140,76 +93,56 @@ async fn discard(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let n = take_parked(app, destination(path)?, Take::Discard).await?;
+    let n = take(app, destination(path)?, Take::Discard).await?;
     Ok(Json(json!({ "discarded": n })))
 }
 
-/// What an operator does with parked entries.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Take {
-    /// Back to the end of the queue.
-    Requeue,
-    /// Deleted for good.
-    Discard,
-}
-
-/// Takes every EDU `dest` had parked when the request came, in batches, each batch
-/// in one synced commit; how many.
-async fn take_parked(app: App, dest: String, take: Take) -> Result<u64, ApiError> {
-    // In a task of its own: an operator who hangs up mid-way leaves no half-moved
-    // batch and no unwoken queue. One at a time, so two cannot both take the same
-    // parked EDU.
-    tokio::spawn(async move {
-        let _one_at_a_time = app.requeue_lock.lock().await;
-        // Only what was parked before this request: an EDU requeued here and parked
-        // again (the far side still refuses it) has a later position and waits for
-        // the next requeue, so a request always ends.
-        let bound = app.store.last_seq();
-        let mut after = 0;
-        let mut taken = 0u64;
-        loop {
-            let mut batch = app.store.parked(&dest, after, REQUEUE_BATCH)?;
-            batch.retain(|p| p.seq <= bound);
-            let Some(last) = batch.last() else {
-                break;
-            };
-            after = last.seq;
-            let n = batch.len() as u64;
-            let mut ops = Vec::with_capacity(batch.len() * 2);
-            for p in batch {
+/// Requeues or discards every EDU `dest` had parked (see [`take_in_batches`]); how many.
+async fn take(app: App, dest: String, take: Take) -> Result<u64, ApiError> {
+    let sender = app.sender.clone();
+    let (read_dest, ops_dest, woken_dest) = (dest.clone(), dest.clone(), dest.clone());
+    let done = take_in_batches(
+        app,
+        REQUEUE_BATCH,
+        move |store, after, n| {
+            let page = store.parked(&read_dest, after, n)?;
+            Ok(page.into_iter().map(|p| (p.seq, p.edu)).collect())
+        },
+        move |entries| {
+            let mut ops = Vec::with_capacity(entries.len() * 2);
+            for (seq, edu) in entries {
                 if take == Take::Requeue {
                     ops.push(Append::Outbox {
-                        dest: dest.clone(),
-                        edu: p.edu.into_bytes(),
+                        dest: ops_dest.clone(),
+                        edu: edu.into_bytes(),
                     });
                 }
                 ops.push(Append::Unpark {
-                    dest: dest.clone(),
-                    seq: p.seq,
+                    dest: ops_dest.clone(),
+                    seq,
                 });
             }
-            app.store.append(ops).await?;
+            ops
+        },
+        move |n| {
             if take == Take::Requeue {
-                app.sender.enqueued(&dest, n);
+                sender.enqueued(&woken_dest, n);
             }
-            taken += n;
+        },
+    )
+    .await?;
+    match take {
+        _ if done.taken == 0 => {}
+        Take::Requeue => {
+            metrics::counter!("courier_edus_requeued_total").increment(done.taken);
+            tracing::info!(destination = %dest, edus = done.taken, "parked EDUs requeued by an operator");
         }
-        match take {
-            _ if taken == 0 => {}
-            Take::Requeue => {
-                metrics::counter!("courier_edus_requeued_total").increment(taken);
-                tracing::info!(destination = %dest, edus = taken, "parked EDUs requeued by an operator");
-            }
-            Take::Discard => {
-                metrics::counter!("courier_edus_discarded_total").increment(taken);
-                tracing::warn!(destination = %dest, edus = taken, "parked EDUs discarded by an operator");
-            }
+        Take::Discard => {
+            metrics::counter!("courier_edus_discarded_total").increment(done.taken);
+            tracing::warn!(destination = %dest, edus = done.taken, "parked EDUs discarded by an operator");
         }
-        Ok::<_, StoreError>(taken)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::from)
+    }
+    Ok(done.taken)
 }
 
 async fn destinations(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {

@@ -114,6 +114,13 @@ pub(crate) fn path_param(path: Result<Path<String>, PathRejection>) -> Result<St
         .map_err(|e| ApiError::invalid_param(e.body_text()))
 }
 
+/// `name` if it is a server name, else 400 `M_INVALID_PARAM`.
+pub(crate) fn server_name_param(name: String) -> Result<String, ApiError> {
+    crate::ids::ServerName::parse(&name)
+        .map_err(|e| ApiError::invalid_param(format!("`{name}` is not a server name: {e}")))?;
+    Ok(name)
+}
+
 /// `PUT /_matrix/federation/v1/send/{txnId}`.
 async fn send(
     State(app): State<App>,

@@ -28,9 +28,10 @@ use serde_json::{Map, Value, json};
 use crate::app::App;
 use crate::client::admin::Admin;
 use crate::error::{ApiError, matrix};
-use crate::federation::admin::{PageParams, Take, as_json, page_answer, server_name_param};
+use crate::federation::routes::server_name_param;
+use crate::parked::{PageParams, Take, Taken, as_json, page_answer, take_in_batches};
 use crate::store::custody::{self, Dir};
-use crate::store::{Append, StoreError, now_ms};
+use crate::store::{Append, now_ms};
 
 /// Parked transactions moved back per synced commit (they can be large).
 const REQUEUE_BATCH: usize = 100;
@@ -75,23 +76,24 @@ async fn parked(
 ) -> Result<Json<Value>, ApiError> {
     let (dir, queue) = queue(path)?;
     let (after, limit) = PageParams::checked(params)?;
-    let page = app.store.custody_parked(dir, &queue, after, limit)?;
-    let last = (page.len() == limit).then(|| page[limit - 1].seq);
-    let entries = page
+    let entries = app
+        .store
+        .custody_parked(dir, &queue, after, limit)?
         .into_iter()
         .map(|p| {
-            json!({
+            let entry = json!({
                 "seq": p.seq,
                 "reason": p.reason,
-                "txn_id": p.txn_id,
-                "path": p.path,
-                "received_ts": p.received_ts,
-                "requeueable": p.envelope.is_some(),
+                "txn_id": p.envelope.txn_id,
+                "path": p.envelope.path,
+                "received_ts": p.envelope.received_ts,
+                "requeueable": p.replayable,
                 "body": as_json(&p.body),
-            })
+            });
+            (p.seq, entry)
         })
         .collect();
-    Ok(page_answer(json!({ "queue": queue }), entries, last))
+    Ok(page_answer(json!({ "queue": queue }), entries, limit))
 }
 
 async fn requeue(
@@ -100,8 +102,10 @@ async fn requeue(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (dir, queue) = queue(path)?;
-    let (moved, stuck) = take_parked(app, dir, queue, Take::Requeue).await?;
-    Ok(Json(json!({ "requeued": moved, "not_requeueable": stuck })))
+    let done = take(app, dir, queue, Take::Requeue).await?;
+    Ok(Json(
+        json!({ "requeued": done.taken, "not_requeueable": done.left }),
+    ))
 }
 
 async fn discard(
@@ -110,80 +114,66 @@ async fn discard(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (dir, queue) = queue(path)?;
-    let (n, _) = take_parked(app, dir, queue, Take::Discard).await?;
-    Ok(Json(json!({ "discarded": n })))
+    let done = take(app, dir, queue, Take::Discard).await?;
+    Ok(Json(json!({ "discarded": done.taken })))
 }
 
-/// As for parked EDUs (`federation::admin`): in a task of its own, one at a time,
-/// only what was parked before the request, each batch in one synced commit. Returns
-/// how many were taken, and (requeue) how many were left for lack of headers.
-async fn take_parked(
-    app: App,
-    dir: Dir,
-    queue: String,
-    take: Take,
-) -> Result<(u64, u64), ApiError> {
-    tokio::spawn(async move {
-        let _one_at_a_time = app.requeue_lock.lock().await;
-        let bound = app.store.last_seq();
-        let (mut after, mut taken, mut stuck) = (0, 0u64, 0u64);
-        loop {
-            let mut batch = app
-                .store
-                .custody_parked(dir, &queue, after, REQUEUE_BATCH)?;
-            batch.retain(|p| p.seq <= bound);
-            let Some(last) = batch.last() else {
-                break;
-            };
-            after = last.seq;
-            let mut ops = Vec::with_capacity(batch.len() * 2);
-            for p in batch {
+/// Requeues or discards every transaction a queue had parked (see
+/// [`take_in_batches`]); a requeue leaves those parked without their headers.
+async fn take(app: App, dir: Dir, queue: String, take: Take) -> Result<Taken, ApiError> {
+    let relay = app.relay.clone();
+    let (read_queue, ops_queue, woken_queue) = (queue.clone(), queue.clone(), queue.clone());
+    let done = take_in_batches(
+        app,
+        REQUEUE_BATCH,
+        move |store, after, n| {
+            let page = store.custody_parked(dir, &read_queue, after, n)?;
+            Ok(page.into_iter().map(|p| (p.seq, p)).collect())
+        },
+        move |entries| {
+            let mut ops = Vec::with_capacity(entries.len() * 2);
+            for (seq, p) in entries {
                 if take == Take::Requeue {
-                    let Some(envelope) = p.envelope else {
-                        stuck += 1;
+                    if !p.replayable {
                         continue;
-                    };
+                    }
                     ops.push(Append::Held {
                         dir,
-                        queue: queue.clone(),
-                        record: custody::encode(&envelope, &p.body),
+                        queue: ops_queue.clone(),
+                        record: custody::encode(&p.envelope, &p.body),
                     });
                 }
                 ops.push(Append::UnparkHeld {
                     dir,
-                    queue: queue.clone(),
-                    seq: p.seq,
+                    queue: ops_queue.clone(),
+                    seq,
                 });
-                taken += 1;
             }
-            if ops.is_empty() {
-                continue;
-            }
-            app.store.append(ops).await?;
+            ops
+        },
+        move |_| {
             if take == Take::Requeue {
-                app.relay.wake(dir, &queue);
+                relay.wake(dir, &woken_queue);
             }
+        },
+    )
+    .await?;
+    let labels = [("direction", dir.tag())];
+    match take {
+        _ if done.taken == 0 => {}
+        Take::Requeue => {
+            metrics::counter!("courier_offload_requeued_total", &labels).increment(done.taken);
+            tracing::info!(direction = dir.tag(), queue = %queue, transactions = done.taken, "parked transactions requeued by an operator");
         }
-        let labels = [("direction", dir.tag())];
-        match take {
-            _ if taken == 0 => {}
-            Take::Requeue => {
-                metrics::counter!("courier_offload_requeued_total", &labels).increment(taken);
-                tracing::info!(direction = dir.tag(), queue = %queue, transactions = taken, "parked transactions requeued by an operator");
-            }
-            Take::Discard => {
-                metrics::counter!("courier_offload_discarded_total", &labels).increment(taken);
-                tracing::warn!(direction = dir.tag(), queue = %queue, transactions = taken, "parked transactions discarded by an operator");
-            }
+        Take::Discard => {
+            metrics::counter!("courier_offload_discarded_total", &labels).increment(done.taken);
+            tracing::warn!(direction = dir.tag(), queue = %queue, transactions = done.taken, "parked transactions discarded by an operator");
         }
-        if stuck > 0 {
-            tracing::warn!(direction = dir.tag(), queue = %queue, transactions = stuck, "parked transactions kept: parked without their headers, they cannot be replayed (discard them instead)");
-        }
-        Ok::<_, StoreError>((taken, stuck))
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::from)
+    }
+    if done.left > 0 {
+        tracing::warn!(direction = dir.tag(), queue = %queue, transactions = done.left, "parked transactions kept: parked without their headers, they cannot be replayed (discard them instead)");
+    }
+    Ok(done)
 }
 
 async fn offload(_: Admin, State(app): State<App>) -> Result<Json<Value>, ApiError> {

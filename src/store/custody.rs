@@ -67,13 +67,11 @@ pub struct ParkedHeld {
     pub seq: u64,
     /// Why: the far side's answer (`HTTP 400: ...`).
     pub reason: String,
-    /// What replays it; `None` for a row parked before headers were kept (it cannot
-    /// be replayed: its `Authorization` is gone).
-    pub envelope: Option<Envelope>,
-    /// Without its headers, for rows that lack them.
-    pub txn_id: String,
-    pub path: String,
-    pub received_ts: u64,
+    /// What replays it, with the body.
+    pub envelope: Envelope,
+    /// False for a row parked before headers were kept (its `envelope.headers` is
+    /// empty): it cannot be replayed, its `Authorization` is gone.
+    pub replayable: bool,
     pub body: Vec<u8>,
 }
 
@@ -256,19 +254,16 @@ impl Store {
                 .ok_or_else(|| corrupt("no separator".into()))?;
             let head: ParkedHead =
                 serde_json::from_slice(&v[..nl]).map_err(|e| corrupt(e.to_string()))?;
-            let envelope = head.headers.map(|headers| Envelope {
-                txn_id: head.txn_id.clone(),
-                path: head.path.clone(),
-                headers,
-                received_ts: head.received_ts,
-            });
             out.push(ParkedHeld {
                 seq,
                 reason: head.reason,
-                envelope,
-                txn_id: head.txn_id,
-                path: head.path,
-                received_ts: head.received_ts,
+                replayable: head.headers.is_some(),
+                envelope: Envelope {
+                    txn_id: head.txn_id,
+                    path: head.path,
+                    headers: head.headers.unwrap_or_default(),
+                    received_ts: head.received_ts,
+                },
                 body: v[nl + 1..].to_vec(),
             });
         }
@@ -411,11 +406,14 @@ mod tests {
         let parked = s.custody_parked(Dir::Out, "b.test", 0, 10).unwrap();
         assert_eq!(parked.len(), 2);
         assert_eq!(parked[0].reason, "HTTP 400: no");
-        assert_eq!(parked[0].envelope.as_ref(), Some(&head.envelope));
+        assert_eq!(
+            (&parked[0].envelope, parked[0].replayable),
+            (&head.envelope, true)
+        );
         assert_eq!(parked[0].body, b"{\n}\xff");
         assert_eq!(
-            (parked[1].envelope.as_ref(), &parked[1].txn_id[..]),
-            (None, "old")
+            (parked[1].replayable, &parked[1].envelope.txn_id[..]),
+            (false, "old")
         );
         let page = s
             .custody_parked(Dir::Out, "b.test", parked[0].seq, 10)
@@ -431,7 +429,7 @@ mod tests {
             Append::Held {
                 dir: Dir::Out,
                 queue: "b.test".into(),
-                record: encode(parked[0].envelope.as_ref().unwrap(), &parked[0].body),
+                record: encode(&parked[0].envelope, &parked[0].body),
             },
             Append::UnparkHeld {
                 dir: Dir::Out,
