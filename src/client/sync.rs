@@ -93,6 +93,14 @@ pub async fn sync(
         page.retain(|(seq, _)| *seq <= published);
         page
     };
+    // A long poll registers for wake-ups before it first reads, so a message
+    // committed after that read still wakes it, and an empty first read can wait
+    // at once instead of reading again.
+    let notify = (!timeout.is_zero()).then(|| app.notifier.device(user, dev));
+    let mut woken = notify.as_deref().map(|n| Box::pin(n.notified()));
+    if let Some(w) = woken.as_mut() {
+        w.as_mut().enable();
+    }
     // One pass: the acknowledgement (in `b`) and the page after it.
     let published = store.last_seq();
     let mut b = Batch::new();
@@ -100,27 +108,30 @@ pub async fn sync(
     // Unsynced: losing an acknowledgement to a power cut only re-delivers a page.
     store.commit_unsynced(b)?;
     let mut page = visible(published, page);
+    // Later reads start above the mark this sync has just written.
+    let above = after.max(state.acked);
     let read_page = || -> Result<Vec<(u64, Vec<u8>)>, ApiError> {
         let published = store.last_seq();
         Ok(visible(
             published,
-            store.inbox_page(user, dev, after, PAGE)?,
+            store.inbox_page_above(user, dev, above, PAGE)?,
         ))
     };
-    if page.is_empty() && !timeout.is_zero() {
+    if let (true, Some(notify), Some(mut waiting)) = (page.is_empty(), notify.as_deref(), woken) {
         let deadline = Instant::now() + timeout;
-        let notify = app.notifier.device(user, dev);
         loop {
-            // Register before re-reading, so a message committed in between still wakes us.
-            let woken = notify.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            page = read_page()?;
-            if !page.is_empty() {
+            if tokio::time::timeout_at(deadline, waiting.as_mut())
+                .await
+                .is_err()
+            {
+                page = read_page()?;
                 break;
             }
-            if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                page = read_page()?;
+            // Register again before re-reading, for the same reason as above.
+            waiting = Box::pin(notify.notified());
+            waiting.as_mut().enable();
+            page = read_page()?;
+            if !page.is_empty() {
                 break;
             }
         }

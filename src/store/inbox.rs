@@ -11,6 +11,8 @@
 //! straight past everything acknowledged instead of walking its tombstones.
 //! Housekeeping may also cut an inbox from below ([`Store::inbox_trim`]): the same
 //! range delete and low-water mark, without counting as a sync.
+//! Reads go through the block cache (see `store::queue_read_options` for why outbox
+//! reads do not).
 //! Nothing here decides when to acknowledge or trim: `/sync` and housekeeping do.
 
 use serde::{Deserialize, Serialize};
@@ -61,13 +63,26 @@ impl Store {
         device: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    ) -> Result<Page, StoreError> {
         let state = self.inbox_state(user, device)?;
-        let from = after.max(state.acked).saturating_add(1);
+        self.inbox_page_above(user, device, after.max(state.acked), limit)
+    }
+
+    /// Up to `limit` messages after position `above`, oldest first, for a caller that
+    /// already knows the device's low-water mark (a `/sync` that has just written
+    /// it): no state lookup. An `above` below the mark is still correct, only slower
+    /// (the scan walks the tombstones in between).
+    pub fn inbox_page_above(
+        &self,
+        user: &str,
+        device: &str,
+        above: u64,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         let prefix = device_prefix(user, device);
-        let start = entry_key(user, device, from);
+        let start = entry_key(user, device, above.saturating_add(1));
         let mut out = Vec::new();
-        for item in self.scan_queue(cf::INBOX, &prefix, &start).take(limit) {
+        for item in self.scan_from(cf::INBOX, &prefix, &start).take(limit) {
             let (k, v) = item?;
             let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
                 cf: cf::INBOX,
@@ -116,7 +131,7 @@ impl Store {
         let prefix = device_prefix(user, device);
         let start = entry_key(user, device, state.acked.saturating_add(1));
         let mut page = Vec::new();
-        for item in self.scan_queue(cf::INBOX, &prefix, &start) {
+        for item in self.scan_from(cf::INBOX, &prefix, &start) {
             let (k, v) = item?;
             let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
                 cf: cf::INBOX,
