@@ -22,6 +22,7 @@
 //! stored, byte for byte. `filter`, `full_state` and `set_presence` are accepted and
 //! ignored. This module never writes an inbox entry, only acknowledgements.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -31,6 +32,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::auth::Device;
@@ -97,10 +100,7 @@ pub async fn sync(
     // committed after that read still wakes it, and an empty first read can wait
     // at once instead of reading again.
     let notify = (!timeout.is_zero()).then(|| app.notifier.device(user, dev));
-    let mut woken = notify.as_deref().map(|n| Box::pin(n.notified()));
-    if let Some(w) = woken.as_mut() {
-        w.as_mut().enable();
-    }
+    let woken = notify.as_deref().map(registered);
     // One pass: the acknowledgement (in `b`) and the page after it.
     let published = store.last_seq();
     let mut b = Batch::new();
@@ -128,8 +128,7 @@ pub async fn sync(
                 break;
             }
             // Register again before re-reading, for the same reason as above.
-            waiting = Box::pin(notify.notified());
-            waiting.as_mut().enable();
+            waiting = registered(notify);
             page = read_page()?;
             if !page.is_empty() {
                 break;
@@ -167,6 +166,13 @@ pub async fn sync(
     // into the body as they are, never parsed into a tree.
     let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
     Ok(([(CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// A wake-up for `notify`, counted from now on (not from its first poll).
+fn registered(notify: &Notify) -> Pin<Box<Notified<'_>>> {
+    let mut woken = Box::pin(notify.notified());
+    woken.as_mut().enable();
+    woken
 }
 
 /// `s<seq>` for an inbox position.

@@ -41,6 +41,14 @@ pub(crate) fn entry_key(user: &str, device: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// The position in an entry key found under `prefix` (the inverse of [`entry_key`]).
+fn entry_seq(prefix: &[u8], key: &[u8]) -> Result<u64, StoreError> {
+    super::read_u64(&key[prefix.len()..]).ok_or(StoreError::Corrupt {
+        cf: cf::INBOX,
+        detail: "short key".into(),
+    })
+}
+
 impl Store {
     /// Test-only: production rows are numbered by [`Store::append`]'s writer.
     #[cfg(test)]
@@ -84,10 +92,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.scan_from(cf::INBOX, &prefix, &start).take(limit) {
             let (k, v) = item?;
-            let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
-                cf: cf::INBOX,
-                detail: "short key".into(),
-            })?;
+            let seq = entry_seq(&prefix, &k)?;
             out.push((seq, v.into_vec()));
         }
         Ok(out)
@@ -133,10 +138,7 @@ impl Store {
         let mut page = Vec::new();
         for item in self.scan_from(cf::INBOX, &prefix, &start) {
             let (k, v) = item?;
-            let seq = super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
-                cf: cf::INBOX,
-                detail: "short key".into(),
-            })?;
+            let seq = entry_seq(&prefix, &k)?;
             if seq <= upto {
                 b.0.delete_cf(self.cf(cf::INBOX), k);
             } else if page.len() < limit {
@@ -191,12 +193,7 @@ impl Store {
         while let Some(k) = it.key() {
             pending += 1;
             if pending == keep.saturating_add(1) {
-                cut = Some(
-                    super::read_u64(&k[prefix.len()..]).ok_or(StoreError::Corrupt {
-                        cf: cf::INBOX,
-                        detail: "short key".into(),
-                    })?,
-                );
+                cut = Some(entry_seq(&prefix, k)?);
             }
             it.prev();
         }
