@@ -140,6 +140,7 @@ async fn send(
         parsed: received.tree(),
     };
     let origin = authenticate_for(&app, ours, &method, &uri, &headers, Some(signed)).await?;
+    let authenticated_at = started.elapsed();
     let mut rewritten = String::new();
     let txn = transaction::authenticated(received, origin.as_str(), &mut rewritten)?;
     let (pdus, edus) = (&txn.pdus, &txn.edus);
@@ -165,6 +166,7 @@ async fn send(
         &txn_id,
         edus,
     )?;
+    let prepared_at = started.elapsed();
     match prepared {
         None => {
             tracing::debug!(origin = %origin, txn = %txn_id, "repeated transaction; already processed")
@@ -194,6 +196,9 @@ async fn send(
                 origin = %origin, txn = %txn_id, delivered = acc.delivered,
                 duplicates = acc.duplicate_edus, dropped = acc.dropped_edus,
                 dropped_messages = acc.dropped_messages,
+                auth_us = authenticated_at.as_micros() as u64,
+                prepare_us = (prepared_at - authenticated_at).as_micros() as u64,
+                write_us = (started.elapsed() - prepared_at).as_micros() as u64,
                 "transaction accepted"
             );
         }
