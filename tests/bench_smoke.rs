@@ -140,3 +140,65 @@ fn paced_sending_delivers_every_message_once() {
     check(&v, "one-to-one");
     assert_eq!(v["rate"], 200.0);
 }
+
+/// Removes a kept run folder when the test ends, passed or not.
+struct Cleanup(Option<std::path::PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+#[test]
+fn keep_leaves_the_servers_folders_with_their_logs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["bench", "--messages", "30", "--concurrency", "4", "--json"])
+        .arg("--keep")
+        .env("RUST_LOG", "info,courier=debug")
+        .output()
+        .expect("run courier bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let kept = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kept: "))
+        .map(std::path::PathBuf::from);
+    let _cleanup = Cleanup(kept.clone());
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let kept = kept.unwrap_or_else(|| panic!("no `kept: <path>` line: {stderr}"));
+    assert!(kept.join("A/courier.toml").is_file(), "{}", kept.display());
+    // B's log names each transaction it accepted, with where its time went.
+    let b_log = std::fs::read_to_string(kept.join("B/courier.log")).expect("B's log is kept");
+    let accepted = b_log
+        .lines()
+        .find(|l| l.contains("transaction accepted"))
+        .unwrap_or_else(|| panic!("no accepted transaction in B's log:\n{b_log}"));
+    for field in ["auth_us=", "prepare_us=", "write_us="] {
+        assert!(accepted.contains(field), "{field} missing: {accepted}");
+    }
+}
+
+#[test]
+fn without_keep_the_run_folder_is_removed() {
+    let child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["bench", "--messages", "10", "--concurrency", "2", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run courier bench");
+    // The run's folder is named after the benchmark's process.
+    let prefix = format!("courier-bench-courier-{}-", child.id());
+    let out = child.wait_with_output().expect("wait for courier bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    assert!(!stderr.contains("kept: "), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("read the temp folder")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "run folders left behind: {left:?}");
+}

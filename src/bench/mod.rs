@@ -113,6 +113,12 @@ pub struct Options {
     /// Print only the JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Keep each run's folder (the servers' configuration, data and logs:
+    /// `A/courier.log`, `B/courier.log`) instead of removing it; its path is printed on
+    /// stderr as `kept: <path>`. Set `RUST_LOG` (e.g. `courier=debug`) for the
+    /// servers' per-transaction lines.
+    #[arg(long)]
+    pub keep: bool,
     /// The courier binary to start (default: this executable).
     #[arg(long)]
     pub courier_bin: Option<PathBuf>,
@@ -471,7 +477,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
     };
 
     progress.set("starting servers", Goal::None);
-    let scratch = Scratch::new(kind.name())?;
+    let scratch = Scratch::new(kind.name(), o.keep)?;
     let n_dest = o.destinations();
     let listeners = if o.simulated() {
         destinations::bind(n_dest)?

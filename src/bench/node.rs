@@ -33,13 +33,16 @@ pub const ADMIN_TOKEN: &str = "courier-bench-admin-token-0123456789";
 /// How long a server may take to answer after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A folder under the system temp folder, removed (with everything in it) on drop.
+/// A folder under the system temp folder, removed (with everything in it) on drop,
+/// unless it is to be kept (`--keep`: its servers' configuration, data and logs stay
+/// for whoever wants to read them).
 pub struct Scratch {
     path: PathBuf,
+    keep: bool,
 }
 
 impl Scratch {
-    pub fn new(tag: &str) -> anyhow::Result<Scratch> {
+    pub fn new(tag: &str, keep: bool) -> anyhow::Result<Scratch> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -50,7 +53,7 @@ impl Scratch {
         ));
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating scratch folder {}", path.display()))?;
-        Ok(Scratch { path })
+        Ok(Scratch { path, keep })
     }
 
     pub fn path(&self) -> &Path {
@@ -60,7 +63,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        if self.keep {
+            eprintln!("kept: {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
