@@ -202,3 +202,16 @@ fn without_keep_the_run_folder_is_removed() {
         .collect();
     assert!(left.is_empty(), "run folders left behind: {left:?}");
 }
+
+#[test]
+fn repeated_runs_list_every_run_and_report_a_whole_one() {
+    let v = bench(&["--messages", "30", "--concurrency", "4", "--repeat", "2"]);
+    check(&v, "one-to-one");
+    assert_eq!(v["sent"], 30);
+    let runs = v["runs_msgs_per_sec"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no runs_msgs_per_sec: {v}"));
+    assert_eq!(runs.len(), 2, "{v}");
+    // The reported run is one of them.
+    assert!(runs.contains(&v["msgs_per_sec"]), "{v}");
+}

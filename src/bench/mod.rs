@@ -119,6 +119,11 @@ pub struct Options {
     /// servers' per-transaction lines.
     #[arg(long)]
     pub keep: bool,
+    /// Measure N times (courier and Synapse runs interleaved under --synapse) and
+    /// report each server's run with the median msgs/s, with every run's msgs/s
+    /// listed: these machines' figures move by ±25 % from one run to the next.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// The courier binary to start (default: this executable).
     #[arg(long)]
     pub courier_bin: Option<PathBuf>,
@@ -213,6 +218,9 @@ impl Options {
         if self.messages == Some(0) {
             bail!("--messages must be positive");
         }
+        if self.repeat == 0 || self.repeat > 100 {
+            bail!("--repeat must be between 1 and 100");
+        }
         if self.messages.is_none() && self.duration == 0 {
             bail!("--duration must be positive");
         }
@@ -290,6 +298,10 @@ pub struct Measured {
     /// The paced send rate asked for (`--rate`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
+    /// With `--repeat`: every run's msgs/s, in the order they ran (this report is
+    /// the median one's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs_msgs_per_sec: Vec<f64>,
 }
 
 impl Measured {
@@ -373,19 +385,32 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("finding the courier executable")?,
     };
-    let courier = measure(&Kind::Courier(bin), options, &http).await?;
-    let synapse = if options.synapse {
-        let (scripts, quiet) = (options.synapse_scripts.clone(), options.json);
-        if !quiet {
-            eprintln!("installing Synapse (once per machine)...");
+    let courier_kind = Kind::Courier(bin);
+    let mut synapse_kind = None;
+    let (mut couriers, mut synapses) = (Vec::new(), Vec::new());
+    for i in 0..options.repeat {
+        if options.repeat > 1 && !options.json {
+            eprintln!("run {} of {}", i + 1, options.repeat);
         }
-        let env =
-            tokio::task::spawn_blocking(move || SynapseEnv::install(scripts.as_deref(), None))
+        couriers.push(measure(&courier_kind, options, &http).await?);
+        if options.synapse {
+            if synapse_kind.is_none() {
+                let (scripts, quiet) = (options.synapse_scripts.clone(), options.json);
+                if !quiet {
+                    eprintln!("installing Synapse (once per machine)...");
+                }
+                let env = tokio::task::spawn_blocking(move || {
+                    SynapseEnv::install(scripts.as_deref(), None)
+                })
                 .await??;
-        Some(measure(&Kind::Synapse(env), options, &http).await?)
-    } else {
-        None
-    };
+                synapse_kind = Some(Kind::Synapse(env));
+            }
+            let kind = synapse_kind.as_ref().expect("installed above");
+            synapses.push(measure(kind, options, &http).await?);
+        }
+    }
+    let courier = median_run(couriers).expect("at least one run");
+    let synapse = median_run(synapses);
     let courier_vs_synapse = synapse
         .as_ref()
         .filter(|s| s.msgs_per_sec > 0.0)
@@ -395,6 +420,27 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         synapse,
         courier_vs_synapse,
     })
+}
+
+/// The run to report of several of one server: the one with the median msgs/s (of an
+/// even count, the upper middle one), with every run's msgs/s attached when there
+/// were several. A run that lost or duplicated a message is reported instead, so
+/// the command fails on it as on a single run. `None` for no runs.
+fn median_run(runs: Vec<Measured>) -> Option<Measured> {
+    let all: Vec<f64> = runs.iter().map(|m| m.msgs_per_sec).collect();
+    let failed = runs
+        .iter()
+        .position(|m| m.delivered != m.expected() || m.duplicates > 0);
+    let pick = failed.unwrap_or_else(|| {
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by(|&a, &b| all[a].total_cmp(&all[b]));
+        order.get(order.len() / 2).copied().unwrap_or(0)
+    });
+    let mut m = runs.into_iter().nth(pick)?;
+    if all.len() > 1 {
+        m.runs_msgs_per_sec = all;
+    }
+    Some(m)
 }
 
 enum Kind {
@@ -862,6 +908,7 @@ async fn measure(kind: &Kind, o: &Options, http: &reqwest::Client) -> anyhow::Re
         concurrency: o.concurrency,
         destinations: n_dest,
         rate: o.rate,
+        runs_msgs_per_sec: Vec::new(),
     };
     let mut measured = measured;
     progress.set("stopping servers, reading their stores", Goal::None);
@@ -1023,6 +1070,17 @@ pub fn table(r: &Report) -> String {
     if let Some(x) = r.courier_vs_synapse {
         out.push_str(&format!("courier/Synapse = {x:.2} (msgs/s)\n"));
     }
+    for m in cols.iter().filter(|m| !m.runs_msgs_per_sec.is_empty()) {
+        // Sorted, so the reported (median) run's figure is the middle one.
+        let mut each = m.runs_msgs_per_sec.clone();
+        each.sort_by(f64::total_cmp);
+        let each: Vec<String> = each.iter().map(|r| format!("{r:.1}")).collect();
+        out.push_str(&format!(
+            "{} msgs/s of each run, sorted: {}\n",
+            m.server,
+            each.join(" / ")
+        ));
+    }
     out
 }
 
@@ -1077,9 +1135,9 @@ mod tests {
         assert!(Options::try_parse_from(["bench", "--scenario", "sideways"]).is_err());
     }
 
-    #[test]
-    fn json_has_the_fixed_names_and_table_the_ratio() {
-        let m = Measured {
+    /// A run's report with made-up figures.
+    fn sample() -> Measured {
+        Measured {
             server: "courier",
             scenario: "one-to-one",
             sent: 10,
@@ -1120,7 +1178,13 @@ mod tests {
             concurrency: 8,
             destinations: 1,
             rate: None,
-        };
+            runs_msgs_per_sec: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn json_has_the_fixed_names_and_table_the_ratio() {
+        let m = sample();
         let mut s = m.clone();
         s.server = "Synapse";
         s.msgs_per_sec = 50.0;
@@ -1154,5 +1218,66 @@ mod tests {
             assert!(v["synapse"].get(f).is_some(), "synapse.{f}");
         }
         assert!(table(&r).contains("courier/Synapse = 2.00"));
+        assert!(
+            v.get("runs_msgs_per_sec").is_none(),
+            "one run lists no runs"
+        );
+    }
+
+    fn runs(rates: &[f64]) -> Vec<Measured> {
+        rates
+            .iter()
+            .map(|&r| Measured {
+                msgs_per_sec: r,
+                ..sample()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn repeated_runs_report_the_median_one_and_list_them_all() {
+        let m = median_run(runs(&[30.0, 10.0, 20.0])).unwrap();
+        assert_eq!(m.msgs_per_sec, 20.0);
+        assert_eq!(m.runs_msgs_per_sec, vec![30.0, 10.0, 20.0]);
+        // Of an even count, the upper middle run.
+        let m = median_run(runs(&[40.0, 10.0, 30.0, 20.0])).unwrap();
+        assert_eq!(m.msgs_per_sec, 30.0);
+        // One run: reported as it is, no list.
+        let m = median_run(runs(&[7.0])).unwrap();
+        assert_eq!(m.msgs_per_sec, 7.0);
+        assert!(m.runs_msgs_per_sec.is_empty());
+        assert!(median_run(Vec::new()).is_none());
+        let r = Report {
+            courier: median_run(runs(&[30.0, 10.0, 20.0])).unwrap(),
+            synapse: None,
+            courier_vs_synapse: None,
+        };
+        assert!(
+            table(&r).contains("courier msgs/s of each run, sorted: 10.0 / 20.0 / 30.0"),
+            "{}",
+            table(&r)
+        );
+    }
+
+    #[test]
+    fn a_run_that_lost_a_message_is_reported_instead_of_the_median() {
+        let mut all = runs(&[30.0, 10.0, 20.0]);
+        all[0].delivered -= 1;
+        let m = median_run(all).unwrap();
+        assert_eq!(m.msgs_per_sec, 30.0);
+        assert_ne!(m.delivered, m.expected());
+        let mut all = runs(&[30.0, 10.0, 20.0]);
+        all[1].duplicates = 1;
+        assert_eq!(median_run(all).unwrap().duplicates, 1);
+    }
+
+    #[test]
+    fn repeat_is_bounded() {
+        for bad in ["0", "101"] {
+            let o = Options::try_parse_from(["bench", "--repeat", bad]).unwrap();
+            assert!(o.validate().is_err(), "--repeat {bad}");
+        }
+        let o = Options::try_parse_from(["bench", "--repeat", "5"]).unwrap();
+        assert!(o.validate().is_ok());
     }
 }
