@@ -308,6 +308,11 @@ impl Measured {
     pub fn expected(&self) -> u64 {
         self.sent * self.fanout as u64
     }
+
+    /// Whether every message arrived exactly once.
+    pub fn complete(&self) -> bool {
+        self.delivered == self.expected() && self.duplicates == 0
+    }
 }
 
 /// The whole result: courier, and Synapse when asked for.
@@ -342,7 +347,7 @@ pub fn main(options: Options) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string(&report)?);
     for m in std::iter::once(&report.courier).chain(&report.synapse) {
-        if m.delivered != m.expected() || m.duplicates > 0 {
+        if !m.complete() {
             bail!(
                 "{}: {} of {} deliveries, {} duplicates",
                 m.server,
@@ -386,26 +391,25 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         None => std::env::current_exe().context("finding the courier executable")?,
     };
     let courier_kind = Kind::Courier(bin);
-    let mut synapse_kind = None;
+    let synapse_kind = if options.synapse {
+        let (scripts, quiet) = (options.synapse_scripts.clone(), options.json);
+        if !quiet {
+            eprintln!("installing Synapse (once per machine)...");
+        }
+        let env =
+            tokio::task::spawn_blocking(move || SynapseEnv::install(scripts.as_deref(), None))
+                .await??;
+        Some(Kind::Synapse(env))
+    } else {
+        None
+    };
     let (mut couriers, mut synapses) = (Vec::new(), Vec::new());
     for i in 0..options.repeat {
         if options.repeat > 1 && !options.json {
             eprintln!("run {} of {}", i + 1, options.repeat);
         }
         couriers.push(measure(&courier_kind, options, &http).await?);
-        if options.synapse {
-            if synapse_kind.is_none() {
-                let (scripts, quiet) = (options.synapse_scripts.clone(), options.json);
-                if !quiet {
-                    eprintln!("installing Synapse (once per machine)...");
-                }
-                let env = tokio::task::spawn_blocking(move || {
-                    SynapseEnv::install(scripts.as_deref(), None)
-                })
-                .await??;
-                synapse_kind = Some(Kind::Synapse(env));
-            }
-            let kind = synapse_kind.as_ref().expect("installed above");
+        if let Some(kind) = &synapse_kind {
             synapses.push(measure(kind, options, &http).await?);
         }
     }
@@ -428,9 +432,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
 /// the command fails on it as on a single run. `None` for no runs.
 fn median_run(runs: Vec<Measured>) -> Option<Measured> {
     let all: Vec<f64> = runs.iter().map(|m| m.msgs_per_sec).collect();
-    let failed = runs
-        .iter()
-        .position(|m| m.delivered != m.expected() || m.duplicates > 0);
+    let failed = runs.iter().position(|m| !m.complete());
     let pick = failed.unwrap_or_else(|| {
         let mut order: Vec<usize> = (0..runs.len()).collect();
         order.sort_by(|&a, &b| all[a].total_cmp(&all[b]));
