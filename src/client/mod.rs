@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod auth;
 pub mod housekeeping;
+pub mod json;
 pub mod send;
 pub mod sync;
 

@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::auth::Device;
+use super::json::Json as Read;
 use crate::app::App;
 use crate::error::ApiError;
 use crate::federation::edu::{Messages, pack_to_device};
@@ -194,18 +195,20 @@ pub struct Request {
 /// Every message is checked before anything is accepted: one bad message fails the
 /// whole request, so a client never has to guess which half went through.
 pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<Request, ApiError> {
-    let value: Value = serde_json::from_slice(body)
+    // Read in place (`client::json`): each content is written back exactly as a
+    // `serde_json::Value` of it would be, without owning a copy of the body first.
+    let mut top: Read = serde_json::from_slice(body)
         .map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))?;
-    let Value::Object(mut top) = value else {
+    if top.as_object().is_none() {
         return Err(ApiError::bad_json("body is not a JSON object"));
-    };
-    let Some(Value::Object(messages)) = top.remove("messages") else {
+    }
+    let Some(Read::Object(messages)) = top.take("messages") else {
         return Err(ApiError::bad_json("`messages` is missing or not an object"));
     };
     let mut out = Request::default();
     for (user, devices) in messages {
         let uid = UserId::parse(&user).map_err(|e| ApiError::invalid_param(e.to_string()))?;
-        let Value::Object(devices) = devices else {
+        let Read::Object(devices) = devices else {
             return Err(ApiError::bad_json(format!(
                 "`messages.{user}` is not an object"
             )));
@@ -218,7 +221,7 @@ pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<
                     "`{device}` (for {user}) is not a device ID"
                 )));
             }
-            if !content.is_object() {
+            if content.as_object().is_none() {
                 return Err(ApiError::bad_json(format!(
                     "the content for {user} / {device} is not an object"
                 )));
@@ -230,8 +233,9 @@ pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<
                     "the message for {user} / {device} is {size} bytes; the limit is {max_message_bytes}"
                 )));
             }
-            parsed.push((device.clone(), raw));
+            parsed.push((device.clone().into_owned(), raw));
         }
+        let user = user.into_owned();
         if local {
             out.local.insert(user, parsed);
         } else {
