@@ -119,17 +119,17 @@ impl<'de> Visitor<'de> for JsonVisitor {
         while let Some(Key(k)) = map.next_key()? {
             read.push((k, map.next_value()?));
         }
-        // A stable sort keeps a repeated key's occurrences in reading order, so the
-        // last of each run is the last one read: the one a map would keep.
+        // A stable sort keeps a repeated key's occurrences in reading order; of each
+        // run the last one read stays (swapped into the kept slot), as a map keeps it.
         read.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut members: Vec<(Cow<'de, str>, Json<'de>)> = Vec::with_capacity(read.len());
-        for member in read {
-            match members.last_mut() {
-                Some(last) if last.0 == member.0 => *last = member,
-                _ => members.push(member),
+        read.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
             }
-        }
-        Ok(Json::Object(members))
+            same
+        });
+        Ok(Json::Object(read))
     }
 }
 

@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::auth::Device;
-use super::json::Json as Read;
+use super::json::Json as ReadJson;
 use crate::app::App;
 use crate::error::ApiError;
 use crate::federation::edu::{Messages, pack_to_device};
@@ -196,27 +196,27 @@ pub struct Request {
 /// whole request, so a client never has to guess which half went through.
 pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<Request, ApiError> {
     // Read in place (`client::json`): each content is written back exactly as a
-    // `serde_json::Value` of it would be, without owning a copy of the body first.
-    let mut top: Read = serde_json::from_slice(body)
+    // `serde_json::Value` of it would be, without building an owned tree first.
+    let mut top: ReadJson = serde_json::from_slice(body)
         .map_err(|e| ApiError::not_json(format!("body is not JSON: {e}")))?;
     if top.as_object().is_none() {
         return Err(ApiError::bad_json("body is not a JSON object"));
     }
-    let Some(Read::Object(messages)) = top.take("messages") else {
+    let Some(ReadJson::Object(messages)) = top.take("messages") else {
         return Err(ApiError::bad_json("`messages` is missing or not an object"));
     };
     let mut out = Request::default();
     for (user, devices) in messages {
         let uid = UserId::parse(&user).map_err(|e| ApiError::invalid_param(e.to_string()))?;
-        let Read::Object(devices) = devices else {
+        let ReadJson::Object(devices) = devices else {
             return Err(ApiError::bad_json(format!(
                 "`messages.{user}` is not an object"
             )));
         };
         let local = uid.server_name() == our_server;
         let mut parsed = Vec::with_capacity(devices.len());
-        for (device, content) in &devices {
-            if device != "*" && !valid_device_id(device) {
+        for (device, content) in devices {
+            if device != "*" && !valid_device_id(&device) {
                 return Err(ApiError::invalid_param(format!(
                     "`{device}` (for {user}) is not a device ID"
                 )));
@@ -226,14 +226,14 @@ pub fn parse(body: &[u8], our_server: &str, max_message_bytes: usize) -> Result<
                     "the content for {user} / {device} is not an object"
                 )));
             }
-            let raw = serde_json::value::to_raw_value(content).map_err(ApiError::internal)?;
+            let raw = serde_json::value::to_raw_value(&content).map_err(ApiError::internal)?;
             let size = raw.get().len();
             if size > max_message_bytes {
                 return Err(ApiError::too_large(format!(
                     "the message for {user} / {device} is {size} bytes; the limit is {max_message_bytes}"
                 )));
             }
-            parsed.push((device.clone().into_owned(), raw));
+            parsed.push((device.into_owned(), raw));
         }
         let user = user.into_owned();
         if local {
